@@ -1,0 +1,151 @@
+"""The dynamic half of a learning rule: the genome pytree, its random initializer and its flat vector.
+
+Flat parameterization (version 1), the vector that strategies see, field by field in this order:
+
+==========================  =======  ==============================================================
+field                       size     vector entry ``u`` -> genome value
+==========================  =======  ==============================================================
+forward_transform  ν        k²       identity (row-major, ``[d, c]`` = source state d -> dest. c)
+backward_transform µ        k²       identity
+pre_transform      ν̃        k²       identity
+post_transform     µ̃        k²       identity
+neuron_keep        f        1        identity
+neuron_update      η        1        identity
+synapse_keep       f̃        1        identity
+synapse_update     η̃        1        ``1e-3 · sinh(u)``: a signed log scale (|η̃| ≈ 5e-4·e^|u| for |u| > 2)
+norm_scale, norm_shift      k, k     identity; only when ``spec.activation_norm``
+oja                m        1        ``1e-2 · sinh(u)``; only when ``spec.oja``
+saturation         s        1        identity; only when ``spec.saturation``
+==========================  =======  ==============================================================
+
+Rates live on very different scales (η̃ ≈ 1e-3, matrices ≈ 1); the ``sinh`` maps give a unit step in ``u``
+a comparable effect everywhere while keeping the sign and zero reachable. ``unravel(spec, ravel(spec, g))``
+returns ``g`` and ``ravel(spec, unravel(spec, v))`` returns ``v``, both to float round-off (the ``sinh`` /
+``asinh`` pair; every identity entry round-trips bit-exactly). Fields that the spec does not use are left out
+of the vector and come back at their neutral values.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from genome.spec import NetworkSpec
+
+PARAMETERIZATION_VERSION = 1
+
+_SYNAPSE_UPDATE_SCALE = 1e-3
+_OJA_SCALE = 1e-2
+
+
+class Genome(NamedTuple):
+    """Everything that could be evolved or differentiated; shared by every neuron, synapse and layer.
+
+    Matrices are ``[k, k]`` and map source state ``d`` (row) to destination state ``c`` (column), except
+    ``post_transform`` which is applied as ``Σ_d µ̃[o, d] a[..., d]`` (DESIGN §2 step 4).
+    """
+
+    forward_transform: jax.Array  # ν [k, k]
+    backward_transform: jax.Array  # µ [k, k]
+    pre_transform: jax.Array  # ν̃ [k, k]
+    post_transform: jax.Array  # µ̃ [k, k]
+    neuron_keep: jax.Array  # f []
+    neuron_update: jax.Array  # η []
+    synapse_keep: jax.Array  # f̃ []
+    synapse_update: jax.Array  # η̃ []
+    norm_scale: jax.Array  # [k], used when spec.activation_norm
+    norm_shift: jax.Array  # [k], used when spec.activation_norm
+    oja: jax.Array  # [], used when spec.oja
+    saturation: jax.Array  # [], used when spec.saturation
+
+
+_MATRICES = ("forward_transform", "backward_transform", "pre_transform", "post_transform")
+_SCALARS = ("neuron_keep", "neuron_update", "synapse_keep")
+
+
+def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
+    """The paper's default scalars with identity matrices; a base for hand-built genomes."""
+    k = spec.num_states
+    eye = jnp.eye(k, dtype=dtype)
+    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    return Genome(
+        forward_transform=eye,
+        backward_transform=eye,
+        pre_transform=eye,
+        post_transform=eye,
+        neuron_keep=one,
+        neuron_update=one,
+        synapse_keep=one,
+        synapse_update=jnp.asarray(-1e-3, dtype),
+        norm_scale=jnp.ones((k,), dtype),
+        norm_shift=jnp.zeros((k,), dtype),
+        oja=one,
+        saturation=one,
+    )
+
+
+def random_genome(spec: NetworkSpec, key: jax.Array, transform_std: float = 1.0, dtype=jnp.float32) -> Genome:
+    """A random genome with the paper's defaults: the four k×k transforms ~ N(0, transform_std²),
+    ``f = η = f̃ = 1``, ``η̃ = -1e-3``, norm multiplier 1 / shift 0, Oja multiplier 1, saturation 1."""
+    keys = jax.random.split(key, len(_MATRICES))
+    k = spec.num_states
+    matrices = {
+        name: transform_std * jax.random.normal(sub, (k, k), dtype) for name, sub in zip(_MATRICES, keys)
+    }
+    return neutral_genome(spec, dtype)._replace(**matrices)
+
+
+def num_dims(spec: NetworkSpec) -> int:
+    """Length of the flat genome vector for ``spec``."""
+    k = spec.num_states
+    dims = 4 * k * k + 4
+    dims += 2 * k if spec.activation_norm else 0
+    dims += 1 if spec.oja else 0
+    dims += 1 if spec.saturation else 0
+    return dims
+
+
+def ravel(spec: NetworkSpec, genome: Genome) -> jax.Array:
+    """The flat, ES-scaled vector of ``genome`` (see the module docstring for the parameterization)."""
+    parts = [jnp.ravel(getattr(genome, name)) for name in _MATRICES]
+    parts += [jnp.reshape(getattr(genome, name), (1,)) for name in _SCALARS]
+    parts.append(jnp.reshape(jnp.arcsinh(genome.synapse_update / _SYNAPSE_UPDATE_SCALE), (1,)))
+    if spec.activation_norm:
+        parts += [jnp.ravel(genome.norm_scale), jnp.ravel(genome.norm_shift)]
+    if spec.oja:
+        parts.append(jnp.reshape(jnp.arcsinh(genome.oja / _OJA_SCALE), (1,)))
+    if spec.saturation:
+        parts.append(jnp.reshape(genome.saturation, (1,)))
+    return jnp.concatenate(parts)
+
+
+def unravel(spec: NetworkSpec, vector: jax.Array) -> Genome:
+    """Inverse of :func:`ravel`. Works under ``jit``/``vmap``/``grad``; raises on a wrong length."""
+    vector = jnp.asarray(vector)
+    if vector.shape != (num_dims(spec),):
+        raise ValueError(f"genome vector must have shape ({num_dims(spec)},) for this spec, got {vector.shape}")
+    k = spec.num_states
+    fields = dict(neutral_genome(spec, vector.dtype)._asdict())
+    offset = 0
+
+    def take(size: int) -> jax.Array:
+        nonlocal offset
+        chunk = vector[offset : offset + size]
+        offset += size
+        return chunk
+
+    for name in _MATRICES:
+        fields[name] = jnp.reshape(take(k * k), (k, k))
+    for name in _SCALARS:
+        fields[name] = take(1)[0]
+    fields["synapse_update"] = _SYNAPSE_UPDATE_SCALE * jnp.sinh(take(1)[0])
+    if spec.activation_norm:
+        fields["norm_scale"] = take(k)
+        fields["norm_shift"] = take(k)
+    if spec.oja:
+        fields["oja"] = _OJA_SCALE * jnp.sinh(take(1)[0])
+    if spec.saturation:
+        fields["saturation"] = take(1)[0]
+    return Genome(**fields)
