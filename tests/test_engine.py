@@ -1,0 +1,119 @@
+"""The evaluation engine: determinism across batch compositions, no recompilation, flat memory in T,
+divergence handling, learning curves and aggregation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import genome as G
+from workers import engine as E
+from workers.task_types import Task
+
+SPEC = G.NetworkSpec((6, 5, 3), num_states=2)
+
+
+def random_tasks(key, num_tasks, num_steps, batch=8, query=16, spec=SPEC):
+    kx, ky, qx, qy = jax.random.split(key, 4)
+    return Task(
+        jax.random.normal(kx, (num_tasks, num_steps, batch, spec.num_inputs)),
+        jax.random.randint(ky, (num_tasks, num_steps, batch), 0, spec.num_outputs),
+        jax.random.normal(qx, (num_tasks, query, spec.num_inputs)),
+        jax.random.randint(qy, (num_tasks, query), 0, spec.num_outputs),
+    )
+
+
+def population(key, size, spec=SPEC):
+    return jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k)))(jax.random.split(key, size))
+
+
+def take(tree, index):
+    return jax.tree.map(lambda a: a[index], tree)
+
+
+def test_episode_is_bit_identical_alone_or_in_any_batch():
+    config = E.EpisodeConfig(num_steps=4)
+    tasks = random_tasks(jax.random.key(0), 5, 4)
+    keys = jax.random.split(jax.random.key(1), 5)
+    vectors = population(jax.random.key(2), 6)
+    full = E.evaluate(SPEC, vectors, tasks, keys, config)
+    alone = E.evaluate(SPEC, vectors[3:4], take(tasks, slice(2, 3)), keys[2:3], config)
+    np.testing.assert_array_equal(alone.fitness[0, 0], full.fitness[3, 2])
+    subset = E.evaluate(SPEC, vectors[jnp.array([5, 1, 3])], take(tasks, jnp.array([4, 2])), keys[jnp.array([4, 2])], config)
+    np.testing.assert_array_equal(subset.fitness, full.fitness[jnp.array([5, 1, 3])][:, jnp.array([4, 2])])
+    np.testing.assert_array_equal(subset.accuracy, full.accuracy[jnp.array([5, 1, 3])][:, jnp.array([4, 2])])
+
+
+def test_second_call_with_new_genomes_and_tasks_does_not_recompile():
+    config = E.EpisodeConfig(num_steps=3, fitness="error_rate")
+    first = E.evaluate(SPEC, population(jax.random.key(0), 4), random_tasks(jax.random.key(1), 2, 3),
+                       jax.random.split(jax.random.key(2), 2), config)
+    before = E.compiled_cache_size()
+    second = E.evaluate(SPEC, population(jax.random.key(3), 4), random_tasks(jax.random.key(4), 2, 3),
+                        jax.random.split(jax.random.key(5), 2), config)
+    assert E.compiled_cache_size() == before
+    assert not np.array_equal(first.fitness, second.fitness)
+
+
+def test_compiled_memory_does_not_grow_with_the_number_of_steps():
+    def temp_bytes(num_steps):
+        tasks = random_tasks(jax.random.key(0), 4, num_steps, batch=16)
+        config = E.EpisodeConfig(num_steps=num_steps)
+        compiled = E._evaluate.lower(SPEC, population(jax.random.key(1), 8), tasks,
+                                     jax.random.split(jax.random.key(2), 4), config).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(40) <= 1.1 * temp_bytes(10)
+
+
+def test_diverging_genomes_get_the_worst_finite_fitness_and_are_counted():
+    vectors = population(jax.random.key(0), 3)
+    wild = G.ravel(SPEC, G.random_genome(SPEC, jax.random.key(9))._replace(
+        synapse_update=jnp.asarray(50.0), neuron_update=jnp.asarray(1e4), synapse_keep=jnp.asarray(1e3)))
+    vectors = vectors.at[1].set(wild)
+    tasks = random_tasks(jax.random.key(1), 2, 6)
+    keys = jax.random.split(jax.random.key(2), 2)
+    for metric, worst in (("cross_entropy", 20.0), ("error_rate", 1.0)):
+        result = E.evaluate(SPEC, vectors, tasks, keys, E.EpisodeConfig(num_steps=6, fitness=metric))
+        assert bool(jnp.all(result.diverged[1])) and not bool(jnp.any(result.diverged[0]))
+        np.testing.assert_array_equal(result.fitness[1], worst)
+        assert bool(jnp.all(jnp.isfinite(result.fitness)))
+        assert bool(jnp.all(result.fitness[0] < worst))
+
+
+def test_learning_curve_points_match_separate_shorter_episodes():
+    tasks = random_tasks(jax.random.key(0), 2, 6)
+    keys = jax.random.split(jax.random.key(1), 2)
+    spec, genome = G.backprop_genome(SPEC.layer_sizes, 0.5, loss="cross_entropy")
+    vectors = G.ravel(spec, genome)[None]
+    curve = E.evaluate(spec, vectors, tasks, keys, E.EpisodeConfig(num_steps=6, curve_steps=(6, 0, 3))).curve
+    for column, steps in enumerate((6, 0, 3)):
+        short = E.evaluate(spec, vectors, tasks, keys, E.EpisodeConfig(num_steps=steps)).accuracy
+        np.testing.assert_allclose(curve[..., column], short, atol=1e-6)
+
+
+def test_skip_last_update_equals_one_step_fewer():
+    tasks = random_tasks(jax.random.key(0), 2, 5)
+    keys = jax.random.split(jax.random.key(1), 2)
+    vectors = population(jax.random.key(2), 2)
+    skipped = E.evaluate(SPEC, vectors, tasks, keys, E.EpisodeConfig(num_steps=5, skip_last_update=True))
+    shorter = E.evaluate(SPEC, vectors, tasks, keys, E.EpisodeConfig(num_steps=4))
+    np.testing.assert_array_equal(skipped.fitness, shorter.fitness)
+
+
+def test_aggregations_reduce_the_task_axis():
+    fitness = jnp.asarray([[1.0, 2.0, 3.0, 10.0]])
+    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="mean"))[0]) == 4.0
+    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="median"))[0]) == 2.5
+    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="worst"))[0]) == 10.0
+    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="quantile", quantile=0.0))[0]) == 1.0
+    with pytest.raises(ValueError, match="aggregate"):
+        E.EpisodeConfig(1, aggregate="best")
+
+
+def test_canonical_flops_count_four_products_and_the_state_mixes():
+    spec = G.NetworkSpec((2, 3), num_states=1)
+    # one layer: 4 products of 2·B·(n_in+1)·n_out·k = 4·2·1·3·3·1 = 72; mixes 2·B·k²·(3+3+3+3+3+2) = 34
+    assert E.canonical_flops(spec, 1) == 72 + 34
