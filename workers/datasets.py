@@ -32,6 +32,7 @@ __all__ = [
     "DatasetError",
     "FASHION_MNIST_DEFAULT_DIR",
     "IdxDataset",
+    "TOY_BODIES",
     "TOY_FUNCTIONS",
     "center_crop",
     "init_teacher",
@@ -40,10 +41,13 @@ __all__ = [
     "load_idx_dataset",
     "load_mnist",
     "load_mnist1d",
+    "normals_from",
     "read_idx",
     "resize",
     "standardize",
     "teacher_student",
+    "toy_draws",
+    "uniforms",
 ]
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -291,10 +295,29 @@ def standardize(x: np.ndarray, mean: np.ndarray | float, std: np.ndarray | float
     return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------ random buffers
+# Each jax.random call is a separate threefry block that XLA compiles on its own (~0.1 s on CPU). The
+# generators therefore draw ONE uint32 buffer per key and derive uniforms/normals from it arithmetically.
+
+def uniforms(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 uniforms strictly inside (0, 1) from one ``jax.random.bits`` draw (24-bit resolution)."""
+    bits = jax.random.bits(key, shape, jnp.uint32)
+    return ((bits >> 8).astype(jnp.float32) + 0.5) * (2.0 ** -24)
+
+
+def normals_from(u: jax.Array) -> jax.Array:
+    """Standard normals by the inverse CDF, Φ⁻¹(u) = √2·erfinv(2u - 1), of uniforms in (0, 1)."""
+    return jnp.sqrt(2.0) * jax.lax.erf_inv(2.0 * u - 1.0)
+
+
 # ----------------------------------------------------------------------------- toy 2-D functions (§4.1)
-# Every function maps (task_key, key, num_points) to x float32 [N, 2] (roughly in [-1, 1]²) and binary
-# labels int32 [N]. The task key draws a random frame (rotation, offset, scale) and the function's own
-# parameters, so one name is a whole family of tasks.
+# A toy function is a deterministic body (params [16], points [N, 5]) -> (x [N, 2], labels [N]); the
+# uniforms come from the task key (the function instance: frame, radii, blob centres) and the point key.
+# Columns of ``points``: 0-1 position (uniform-domain functions) or label/angle (generative ones),
+# 2-3 Gaussian noise, 4 blob choice. The public TOY_FUNCTIONS wrap a body with the two draws.
+
+NUM_TOY_PARAMS, NUM_TOY_POINT_COLUMNS = 16, 5
+
 
 class _Frame(NamedTuple):
     rotation: jax.Array  # [2, 2]
@@ -302,13 +325,12 @@ class _Frame(NamedTuple):
     scale: jax.Array  # []
 
 
-def _random_frame(key: jax.Array) -> _Frame:
-    rotation_key, offset_key, scale_key = jax.random.split(key, 3)
-    theta = jax.random.uniform(rotation_key, (), minval=0.0, maxval=2 * jnp.pi)
+def _frame(params: jax.Array) -> _Frame:
+    """Random rotation θ ∈ [0, 2π), offset ∈ [-0.25, 0.25]², scale ∈ [0.8, 1.2] from params[0:4]."""
+    theta = 2 * jnp.pi * params[0]
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     rotation = jnp.stack([jnp.stack([cos, -sin]), jnp.stack([sin, cos])])
-    offset = jax.random.uniform(offset_key, (2,), minval=-0.25, maxval=0.25)
-    return _Frame(rotation, offset, jax.random.uniform(scale_key, (), minval=0.8, maxval=1.2))
+    return _Frame(rotation, 0.5 * params[1:3] - 0.25, 0.8 + 0.4 * params[3])
 
 
 def _to_frame(frame: _Frame, x: jax.Array) -> jax.Array:
@@ -322,96 +344,108 @@ def _from_frame(frame: _Frame, u: jax.Array) -> jax.Array:
 
 
 def _uniform_domain(label_fn):
-    """A toy function with x ~ U[-1, 1]² and ``label_fn(param_key, u)`` deciding the label."""
+    """x ~ U[-1, 1]², label ``label_fn(params[4:], u)`` of the canonical coordinates u."""
 
-    def sample(task_key, key, num_points):
-        frame_key, param_key = jax.random.split(task_key)
-        x = jax.random.uniform(key, (num_points, 2), minval=-1.0, maxval=1.0)
-        labels = label_fn(param_key, _to_frame(_random_frame(frame_key), x))
-        return x.astype(jnp.float32), labels.astype(jnp.int32)
+    def body(params, points):
+        x = 2.0 * points[:, 0:2] - 1.0
+        return x, label_fn(params[4:], _to_frame(_frame(params), x))
 
-    return sample
+    return body
 
 
-def _triangle_labels(key, u):
+def _triangle_labels(p, u):
     # equilateral triangle with circumradius r: inside iff u·n_k < r/2 (the inradius) for the 3 edge normals
-    radius = jax.random.uniform(key, (), minval=0.6, maxval=0.9)
+    radius = 0.6 + 0.3 * p[0]
     angles = -jnp.pi / 2 + 2 * jnp.pi * jnp.arange(3) / 3
     normals = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=1)  # [3, 2]
     return jnp.all(u @ normals.T < radius / 2, axis=1)
 
 
-def _pie_slice_labels(key, u):
-    width = jax.random.uniform(key, (), minval=jnp.pi / 4, maxval=jnp.pi)
+def _pie_slice_labels(p, u):
+    width = jnp.pi / 4 + 0.75 * jnp.pi * p[0]  # the frame's rotation sets where the slice starts
     return jnp.mod(jnp.arctan2(u[:, 1], u[:, 0]), 2 * jnp.pi) < width
 
 
-def _cross_labels(key, u):
-    width = jax.random.uniform(key, (), minval=0.15, maxval=0.35)
+def _cross_labels(p, u):
+    width = 0.15 + 0.2 * p[0]
     return (jnp.abs(u[:, 0]) < width) | (jnp.abs(u[:, 1]) < width)
 
 
-def _two_moons(task_key, key, num_points):
-    label_key, angle_key, noise_key = jax.random.split(key, 3)
-    labels = jax.random.bernoulli(label_key, 0.5, (num_points,))
-    t = jax.random.uniform(angle_key, (num_points,), minval=0.0, maxval=jnp.pi)
+def _two_moons(params, points):
+    labels = points[:, 0] < 0.5
+    t = jnp.pi * points[:, 1]
     upper = jnp.stack([jnp.cos(t), jnp.sin(t)], axis=1)
     lower = jnp.stack([1.0 - jnp.cos(t), 0.5 - jnp.sin(t)], axis=1)
-    points = jnp.where(labels[:, None], lower, upper) + 0.1 * jax.random.normal(noise_key, (num_points, 2))
-    u = (points - jnp.asarray([[0.5, 0.25]])) / 1.25  # the moons span [-1, 2]x[-0.5, 1]: centre and shrink
-    x = _from_frame(_random_frame(task_key), u)
-    return x.astype(jnp.float32), labels.astype(jnp.int32)
+    moons = jnp.where(labels[:, None], lower, upper) + 0.1 * normals_from(points[:, 2:4])
+    u = (moons - jnp.asarray([[0.5, 0.25]])) / 1.25  # the moons span [-1, 2]x[-0.5, 1]: centre and shrink
+    return _from_frame(_frame(params), u), labels
 
 
-def _circles(task_key, key, num_points):
-    frame_key, outer_key, factor_key = jax.random.split(task_key, 3)
-    outer = jax.random.uniform(outer_key, (), minval=0.6, maxval=0.9)
-    factor = jax.random.uniform(factor_key, (), minval=0.3, maxval=0.6)
-    label_key, angle_key, noise_key = jax.random.split(key, 3)
-    labels = jax.random.bernoulli(label_key, 0.5, (num_points,))  # 1 = inner circle
-    phi = jax.random.uniform(angle_key, (num_points,), minval=0.0, maxval=2 * jnp.pi)
+def _circles(params, points):
+    outer, factor = 0.6 + 0.3 * params[4], 0.3 + 0.3 * params[5]
+    labels = points[:, 0] < 0.5  # 1 = inner circle
+    phi = 2 * jnp.pi * points[:, 1]
     radius = jnp.where(labels, factor * outer, outer)
-    u = radius[:, None] * jnp.stack([jnp.cos(phi), jnp.sin(phi)], axis=1)
-    u = u + 0.05 * jax.random.normal(noise_key, (num_points, 2))
-    x = _from_frame(_random_frame(frame_key), u)
-    return x.astype(jnp.float32), labels.astype(jnp.int32)
+    u = radius[:, None] * jnp.stack([jnp.cos(phi), jnp.sin(phi)], axis=1) + 0.05 * normals_from(points[:, 2:4])
+    return _from_frame(_frame(params), u), labels
 
 
-def _blobs(task_key, key, num_points, num_blobs=5):
-    center_key, std_key, assign_key = jax.random.split(task_key, 3)
-    centers = jax.random.uniform(center_key, (num_blobs, 2), minval=-0.8, maxval=0.8)
-    std = jax.random.uniform(std_key, (), minval=0.08, maxval=0.2)
-    blob_labels = jax.random.permutation(assign_key, jnp.arange(num_blobs) % 2)  # both labels present
-    blob_key, noise_key = jax.random.split(key)
-    blob = jax.random.randint(blob_key, (num_points,), 0, num_blobs)
-    x = centers[blob] + std * jax.random.normal(noise_key, (num_points, 2))
-    return x.astype(jnp.float32), blob_labels[blob].astype(jnp.int32)
+def _blobs(params, points, num_blobs=5):
+    centers = 1.6 * params[:2 * num_blobs].reshape(num_blobs, 2) - 0.8
+    std = 0.08 + 0.12 * params[2 * num_blobs]
+    # a random permutation of (0, 1, 0, 1, 0): both labels are always present
+    order = jnp.argsort(params[2 * num_blobs + 1: 3 * num_blobs + 1])
+    blob_labels = (jnp.arange(num_blobs) % 2)[order]
+    blob = jnp.minimum((points[:, 4] * num_blobs).astype(jnp.int32), num_blobs - 1)
+    return centers[blob] + std * normals_from(points[:, 2:4]), blob_labels[blob]
 
 
-TOY_FUNCTIONS = {
-    "xor": _uniform_domain(lambda key, u: u[:, 0] * u[:, 1] > 0),
-    "and": _uniform_domain(lambda key, u: (u[:, 0] > 0) & (u[:, 1] > 0)),
-    "or": _uniform_domain(lambda key, u: (u[:, 0] > 0) | (u[:, 1] > 0)),
+def _typed(body):
+    """Same output types for every body (lax.switch needs them): x float32, labels int32."""
+    return lambda params, points: tuple(a.astype(t) for a, t in zip(body(params, points), (jnp.float32, jnp.int32)))
+
+
+TOY_BODIES = {name: _typed(body) for name, body in {
+    "xor": _uniform_domain(lambda p, u: u[:, 0] * u[:, 1] > 0),
+    "and": _uniform_domain(lambda p, u: (u[:, 0] > 0) & (u[:, 1] > 0)),
+    "or": _uniform_domain(lambda p, u: (u[:, 0] > 0) | (u[:, 1] > 0)),
     "two_moons": _two_moons,
     "circles": _circles,
     "pie_slice": _uniform_domain(_pie_slice_labels),
     "blobs": _blobs,
     "cross": _uniform_domain(_cross_labels),
     "triangle": _uniform_domain(_triangle_labels),
-}
+}.items()}
+
+
+def toy_draws(task_key: jax.Array, key: jax.Array, num_points: int) -> tuple[jax.Array, jax.Array]:
+    """The uniforms every toy body consumes: params [16] from ``task_key``, points [N, 5] from ``key``."""
+    return uniforms(task_key, (NUM_TOY_PARAMS,)), uniforms(key, (num_points, NUM_TOY_POINT_COLUMNS))
+
+
+def _toy_function(body):
+    def sample(task_key: jax.Array, key: jax.Array, num_points: int) -> tuple[jax.Array, jax.Array]:
+        return body(*toy_draws(task_key, key, num_points))
+
+    return sample
+
+
+TOY_FUNCTIONS = {name: _toy_function(body) for name, body in TOY_BODIES.items()}
 
 
 # ------------------------------------------------------------------------------------ teacher-student
 
 def init_teacher(key: jax.Array, layer_sizes: tuple[int, ...]) -> list[tuple[jax.Array, jax.Array]]:
-    """Random teacher MLP: W ~ N(0, 1/fan_in), hidden biases ~ N(0, 0.5²), output bias 0."""
-    params = []
-    keys = jax.random.split(key, len(layer_sizes) - 1)
-    for layer, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:])):
-        weight_key, bias_key = jax.random.split(keys[layer])
-        weight = jax.random.normal(weight_key, (fan_in, fan_out)) / jnp.sqrt(fan_in)
-        hidden = layer < len(layer_sizes) - 2
-        bias = 0.5 * jax.random.normal(bias_key, (fan_out,)) if hidden else jnp.zeros((fan_out,))
+    """Random teacher MLP: W ~ N(0, 1/fan_in), hidden biases ~ N(0, 0.5²), output bias 0 (one draw)."""
+    shapes = list(zip(layer_sizes[:-1], layer_sizes[1:]))
+    z = normals_from(uniforms(key, (sum(i * o + o for i, o in shapes),)))
+    params, start = [], 0
+    for layer, (fan_in, fan_out) in enumerate(shapes):
+        weight = z[start: start + fan_in * fan_out].reshape(fan_in, fan_out) / jnp.sqrt(fan_in)
+        start += fan_in * fan_out
+        hidden = layer < len(shapes) - 1
+        bias = 0.5 * z[start: start + fan_out] if hidden else jnp.zeros((fan_out,))
+        start += fan_out
         params.append((weight, bias))
     return params
 
@@ -420,7 +454,7 @@ def teacher_student(task_key: jax.Array, key: jax.Array, num_points: int, input_
                     hidden: tuple[int, ...], num_classes: int) -> tuple[jax.Array, jax.Array]:
     """Gaussian inputs ``[N, input_dim]`` labelled by the argmax of a tanh teacher drawn from ``task_key``."""
     params = init_teacher(task_key, (input_dim, *hidden, num_classes))
-    x = jax.random.normal(key, (num_points, input_dim), jnp.float32)
+    x = normals_from(uniforms(key, (num_points, input_dim)))
     h = x
     for layer, (weight, bias) in enumerate(params):
         h = h @ weight + bias[None, :]

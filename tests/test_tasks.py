@@ -1,0 +1,178 @@
+"""Task families: split hygiene, determinism, label permutations, configuration errors."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from workers.tasks import FAMILIES, SPLITS, TaskConfig, make_family
+
+NUM_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def digits():
+    config = TaskConfig(family="digits", batch_size=16, num_query=30)
+    return {split: make_family(config, split) for split in SPLITS}
+
+
+def row_index(family, pool: str) -> dict[bytes, int]:
+    """Map each (normalized) pool row to its original class id."""
+    data = family.data.support_x if pool == "support" else family.data.query_x
+    counts = family.data.support_count if pool == "support" else family.data.query_count
+    rows = {}
+    for c, cls in enumerate(family.classes):
+        for row in np.asarray(data[c, : int(counts[c])]):
+            rows[row.tobytes()] = cls
+    return rows
+
+
+def test_default_splits_hold_out_the_last_classes(digits):
+    assert digits["train"].classes == tuple(range(7))
+    assert digits["validation"].classes == digits["test"].classes == (7, 8, 9)
+    assert all(f.num_inputs == 64 and f.num_classes == 3 for f in digits.values())
+
+
+def test_example_pools_are_disjoint_between_support_query_and_splits(digits):
+    ids = {}
+    for split, family in digits.items():
+        for c, cls in enumerate(family.classes):
+            support, query = family.support_ids[c], family.query_ids[c]
+            support, query = set(support[support >= 0]), set(query[query >= 0])
+            assert support and query and not support & query
+            ids[split, cls] = support | query
+    for cls in (7, 8, 9):  # digits has no test file: validation and test get disjoint halves
+        assert not ids["validation", cls] & ids["test", cls]
+        assert abs(len(ids["validation", cls]) - len(ids["test", cls])) <= 1
+    np.testing.assert_array_equal(digits["train"].normalization[0], digits["test"].normalization[0])
+
+
+def test_train_tasks_never_contain_a_heldout_class_or_example(digits):
+    train = digits["train"]
+    tasks = jax.tree.map(np.asarray, train.sample(jax.random.PRNGKey(0), 48, NUM_STEPS))
+    support_rows, query_rows = row_index(train, "support"), row_index(train, "query")
+    heldout = set()
+    for split in ("validation", "test"):
+        heldout |= set(row_index(digits[split], "support")) | set(row_index(digits[split], "query"))
+    seen_classes = set()
+    for x in tasks.support_x.reshape(-1, 64):
+        assert x.tobytes() not in heldout
+        seen_classes.add(support_rows[x.tobytes()])  # KeyError: a row from outside the support pools
+    for x in tasks.query_x.reshape(-1, 64):
+        assert x.tobytes() not in heldout
+        seen_classes.add(query_rows[x.tobytes()])
+    assert seen_classes == set(range(7))
+
+
+def test_labels_are_in_range_consistent_within_a_task_and_permuted_across_tasks(digits):
+    family = digits["validation"]
+    tasks = jax.tree.map(np.asarray, family.sample(jax.random.PRNGKey(1), 24, NUM_STEPS))
+    classes_of = {**row_index(family, "support"), **row_index(family, "query")}
+    mappings = set()
+    for k in range(24):
+        xs = np.concatenate([tasks.support_x[k].reshape(-1, 64), tasks.query_x[k]])
+        ys = np.concatenate([tasks.support_y[k].reshape(-1), tasks.query_y[k]])
+        assert ys.min() >= 0 and ys.max() < 3
+        mapping = {}
+        for x, y in zip(xs, ys):
+            assert mapping.setdefault(int(y), classes_of[x.tobytes()]) == classes_of[x.tobytes()]
+        assert sorted(mapping) == [0, 1, 2]
+        mappings.add(tuple(mapping[j] for j in range(3)))
+        np.testing.assert_array_equal(np.bincount(tasks.query_y[k], minlength=3), [10, 10, 10])
+        assert len({x.tobytes() for x in tasks.query_x[k]}) == 30  # pools are big enough: no repeats
+    assert len(mappings) >= 4  # 6 permutations of the 3 held-out classes
+
+
+@pytest.mark.parametrize("config", [
+    TaskConfig(family="digits", batch_size=8, num_query=12, projection_dim=20),
+    TaskConfig(family="toy2d", batch_size=8, num_query=12),
+    TaskConfig(family="teacher_student", batch_size=8, num_query=12, teacher_input_dim=6),
+], ids=["digits-projected", "toy2d", "teacher_student"])
+def test_task_is_identical_alone_or_in_a_batch_of_any_size(config):
+    family = make_family(config, "train")
+    key = jax.random.PRNGKey(7)
+    alone, batch = family.sample(key, 1, NUM_STEPS), family.sample(key, 5, NUM_STEPS)
+    for single, field in zip(alone, batch):
+        np.testing.assert_array_equal(np.asarray(single[0]), np.asarray(field[0]))
+    # a larger batch only appends tasks: tasks 0..4 are bit-identical
+    longer = family.sample(key, 7, NUM_STEPS)
+    for field, field_longer in zip(batch, longer):
+        np.testing.assert_array_equal(np.asarray(field), np.asarray(field_longer[:5]))
+    assert batch.support_x.shape == (5, NUM_STEPS, 8, family.num_inputs)
+    assert batch.support_y.dtype == np.int32 and batch.query_x.shape == (5, 12, family.num_inputs)
+    assert not np.array_equal(np.asarray(batch.support_x[0]), np.asarray(batch.support_x[1]))
+
+
+def test_toy2d_splits_use_disjoint_functions_and_seeds():
+    config = TaskConfig(family="toy2d", batch_size=16, num_query=32)
+    families = {split: make_family(config, split) for split in SPLITS}
+    assert families["train"].functions == ("xor", "and", "two_moons")
+    assert not set(families["train"].functions) & set(families["test"].functions)
+    ranges = [range(*families[s].seed_range) for s in SPLITS]
+    assert all(max(a.start, b.start) >= min(a.stop, b.stop) for i, a in enumerate(ranges) for b in ranges[i + 1:])
+    tasks = families["test"].sample(jax.random.PRNGKey(0), 16, NUM_STEPS)
+    labels = np.asarray(tasks.support_y).reshape(16, -1)
+    assert np.all((labels == 0) | (labels == 1))
+    assert np.mean([len(np.unique(row)) == 2 for row in labels]) > 0.8
+    same_key = families["validation"].sample(jax.random.PRNGKey(0), 16, NUM_STEPS)
+    assert not np.array_equal(np.asarray(tasks.support_x), np.asarray(same_key.support_x))
+
+
+def test_teacher_student_splits_use_different_teachers():
+    config = TaskConfig(family="teacher_student", batch_size=16, num_query=32, teacher_input_dim=6)
+    train, test = make_family(config, "train"), make_family(config, "test")
+    assert train.seed_range[1] <= test.seed_range[0]
+    a = train.sample(jax.random.PRNGKey(0), 4, NUM_STEPS)
+    b = test.sample(jax.random.PRNGKey(0), 4, NUM_STEPS)
+    assert not np.array_equal(np.asarray(a.support_x), np.asarray(b.support_x))
+    assert set(np.unique(np.asarray(a.support_y))) == {0, 1, 2}
+
+
+def test_fashion_mnist_family_tests_on_the_test_file_with_train_statistics():
+    config = TaskConfig(family="fashion_mnist", resize=14, crop=10, batch_size=8, num_query=12)
+    train, test = make_family(config, "train"), make_family(config, "test")
+    assert test.source == "test" and train.source == "train"
+    assert test.classes == (7, 8, 9) and test.num_inputs == 100
+    # 1000 test images per held-out class, cut into query (30%) and support pools
+    np.testing.assert_array_equal(np.asarray(test.data.query_count), [300] * 3)
+    np.testing.assert_array_equal(np.asarray(test.data.support_count), [700] * 3)
+    np.testing.assert_array_equal(train.normalization[1], test.normalization[1])
+    support_x = np.asarray(train.data.support_x)
+    assert abs(float(support_x[support_x != 0].std()) - 1.0) < 0.1
+
+
+def test_mnist1d_family_builds_from_the_local_generator(tmp_path):
+    config = TaskConfig(family="mnist1d", cache_dir=str(tmp_path), n_way=2, batch_size=4, num_query=8)
+    family = make_family(config, "validation")
+    assert family.num_inputs == 40 and family.classes == (7, 8, 9) and family.source == "train"
+
+
+def test_overlapping_classes_are_rejected_unless_allowed_and_then_examples_stay_disjoint():
+    overlapping = dict(family="digits", train_classes=(0, 1, 2, 3), validation_classes=(3, 4, 5))
+    with pytest.raises(ValueError, match="overlap"):
+        make_family(TaskConfig(**overlapping), "train")
+    config = TaskConfig(**overlapping, allow_overlap=True)
+    train, validation = make_family(config, "train"), make_family(config, "validation")
+    train_ids = set(train.support_ids[3]) | set(train.query_ids[3])
+    validation_ids = set(validation.support_ids[0]) | set(validation.query_ids[0])
+    assert not (train_ids & validation_ids) - {-1}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(family="nope"), "unknown task family"),
+    (dict(family="digits", n_way=4), "fewer than n_way=4"),
+    (dict(family="toy2d", n_way=3), "binary"),
+    (dict(family="toy2d", train_functions=("spiral",)), "unknown toy functions"),
+    (dict(family="teacher_student", seed_ranges=((0, 10), (5, 20), (20, 30))), "overlap"),
+    (dict(family="digits", test_source="test"), "no 'test' file"),
+])
+def test_bad_configs_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_family(TaskConfig(**kwargs), "train")
+
+
+def test_every_registered_family_is_described():
+    assert set(FAMILIES) == {"digits", "fashion_mnist", "mnist", "idx", "mnist1d", "toy2d", "teacher_student"}
+    for info in FAMILIES.values():
+        assert info.description and all(hasattr(TaskConfig(), option) for option in info.options)
