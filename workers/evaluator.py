@@ -1,0 +1,93 @@
+"""The evaluator interface and its in-process backend (DESIGN §4).
+
+An evaluator scores genome vectors on tasks that it samples itself from a task key, so that a remote
+backend only ever receives small messages (vectors and keys), never data:
+
+    evaluate(vectors [P, D], split, task_key, num_tasks, num_steps) -> Evaluation ([P, K] NumPy arrays)
+
+Task ``i`` of a call is ``family(split).sample(task_key, ...)[i]`` (a function of ``fold_in(task_key, i)``)
+and its initial synapses come from :func:`synapse_keys`, also a function of ``(task_key, i)`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import genome as G
+from workers import engine
+from workers.tasks import TaskConfig, TaskFamily, make_family
+
+_SYNAPSE_SALT = 0x5A1
+
+
+class Evaluation(NamedTuple):
+    """Per-episode results as NumPy arrays ``[P, K]`` (lower fitness is better)."""
+
+    fitness: np.ndarray
+    accuracy: np.ndarray
+    cross_entropy: np.ndarray
+    diverged: np.ndarray
+
+
+class Evaluator(Protocol):
+    spec: G.NetworkSpec
+
+    def evaluate(self, vectors: np.ndarray, split: str, task_key: jax.Array, num_tasks: int,
+                 num_steps: int) -> Evaluation: ...
+
+    def close(self) -> None: ...
+
+
+def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
+    """Initial-synapse key of each task: a function of (task_key, task index) only."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(task_key, i), _SYNAPSE_SALT))(
+        jnp.arange(num_tasks)
+    )
+
+
+def families_spec(task_config: TaskConfig, network_spec_fn) -> tuple[G.NetworkSpec, TaskFamily]:
+    """Build the train family and the network spec whose input/output widths it fixes."""
+    family = make_family(task_config, "train")
+    return network_spec_fn(family.num_inputs, family.num_classes), family
+
+
+class LocalEvaluator:
+    """In-process evaluator: the jit/vmap engine on the local default device (CPU or GPU)."""
+
+    def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: engine.EpisodeConfig):
+        self.spec = spec
+        self.task_config = task_config
+        self.episode_config = dataclasses.replace(episode_config, curve_steps=())
+        self._families: dict[str, TaskFamily] = {}
+        self.eval_seconds = 0.0
+
+    def family(self, split: str) -> TaskFamily:
+        if split not in self._families:
+            family = make_family(self.task_config, split)
+            if (family.num_inputs, family.num_classes) != (self.spec.num_inputs, self.spec.num_outputs):
+                raise ValueError(
+                    f"task split {split!r} has {family.num_inputs} inputs / {family.num_classes} classes but the "
+                    f"network is {self.spec.layer_sizes}"
+                )
+            self._families[split] = family
+        return self._families[split]
+
+    def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int) -> Evaluation:
+        start = time.perf_counter()
+        tasks = self.family(split).sample(task_key, num_tasks, num_steps)
+        config = dataclasses.replace(self.episode_config, num_steps=int(num_steps))
+        result = engine.evaluate(self.spec, jnp.asarray(vectors, jnp.float32), tasks,
+                                 synapse_keys(task_key, num_tasks), config)
+        out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,
+                                                   result.diverged)))
+        self.eval_seconds += time.perf_counter() - start
+        return out
+
+    def close(self) -> None:
+        self._families.clear()
