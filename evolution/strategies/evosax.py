@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from evosax.core import fitness_shaping as shaping
-from evosax.core.optimizer import clipup
+from evosax.core.optimizer import clipup, scale_by_clipup
 from flax import serialization, struct
 
 from .base import (
@@ -61,6 +61,35 @@ _FITNESS_SHAPING: dict[str, Callable] = {
     "identity": shaping.identity_fitness_shaping_fn,
 }
 _OPTIMIZERS = ("sgd", "adam", "clipup")
+
+
+class _FullCovarianceXNES(ea.xNES):
+    """evosax xNES with the covariance update of Wierstra et al. 2014 (Algorithm 5).
+
+    evosax 0.3.2 updates ``B * exp(eta_B / 2 * G_B)`` elementwise, which keeps B diagonal, and
+    samples ``z @ B`` while updating the mean with ``B @ G_delta``. Here ``x = mean + sigma B z``
+    and ``B <- B expm(eta_B / 2 * G_B)``, so xNES adapts a full covariance as published.
+    """
+
+    def _ask(self, key, state, params):
+        z = jax.random.normal(key, (self.population_size, self.num_dims))
+        population = state.mean + state.std * z @ state.B.T  # x = mu + sigma B z
+        return population, state.replace(z=z)
+
+    def _tell(self, key, population, fitness, state, params):
+        # fitness holds the utilities u_i (sum zero, largest for the best candidate).
+        grad_delta = jnp.dot(fitness, state.z)
+        updates, opt_state = self.optimizer.update(
+            -state.std * state.B @ grad_delta, state.opt_state, state.mean
+        )
+        mean = optax.apply_updates(state.mean, updates)  # mu += eta_mu sigma B G_delta
+        eye = jnp.eye(self.num_dims, dtype=state.B.dtype)
+        grad_m = jnp.einsum("i,ij,ik->jk", fitness, state.z, state.z) - jnp.sum(fitness) * eye
+        grad_std = jnp.trace(grad_m) / self.num_dims  # G_sigma = tr(G_M) / d
+        std = state.std * jnp.exp(0.5 * state.lr_std * grad_std)
+        grad_b = grad_m - grad_std * eye  # G_B = G_M - G_sigma I
+        B = state.B @ jax.scipy.linalg.expm(0.5 * params.lr_B * grad_b)
+        return state.replace(mean=mean, std=std, opt_state=opt_state, B=B)
 
 
 @dataclass(frozen=True)
@@ -85,7 +114,7 @@ _SPECS: dict[str, _AlgorithmSpec] = {
         ea.PGPE, "params", True, ("clipup", 0.01), "centered_rank", ("std_lr", "std_max_change")
     ),
     "snes": _AlgorithmSpec(ea.SNES, "params", False, ("sgd", 1.0), None, ("std_lr",)),
-    "xnes": _AlgorithmSpec(ea.xNES, "params", False, ("sgd", 1.0), None, ("std_lr",)),
+    "xnes": _AlgorithmSpec(_FullCovarianceXNES, "params", False, ("sgd", 1.0), None, ("std_lr",)),
     "persistent_es": _AlgorithmSpec(
         ea.PersistentES, "schedule", True, ("adam", 1e-3), "identity",
         ("unroll_length", "truncation_length"),
@@ -101,7 +130,8 @@ assert set(_SPECS) == set(EVOSAX_STRATEGIES)
 def _allowed_options(spec: _AlgorithmSpec) -> dict[str, None]:
     names = list(spec.extra_options)
     if spec.optimizer is not None:
-        names += ["optimizer", "learning_rate", "momentum", "max_velocity"]
+        names += ["optimizer", "learning_rate", "learning_rate_decay", "learning_rate_limit"]
+        names += ["momentum", "max_velocity"]
     if spec.fitness_shaping is not None:
         names.append("fitness_shaping")
     if spec.sigma_in == "schedule":
@@ -153,6 +183,7 @@ class EvosaxStrategy:
     Build with `make_strategy` (or `EvosaxStrategy.create`). ``options`` per name:
 
     * all but cma_es/sep_cma_es: ``optimizer`` (sgd | adam | clipup), ``learning_rate``,
+      ``learning_rate_decay`` (per generation, default 1) and ``learning_rate_limit`` (floor),
       ``momentum`` (sgd/clipup), ``max_velocity`` (clipup). Defaults are evosax's: open_es sgd
       1e-3, pgpe clipup 0.01 (max_velocity 0.02), snes/xnes sgd 1.0, persistent_es /
       noise_reuse_es adam 1e-3.
@@ -361,20 +392,34 @@ def _make_optimizer(default: tuple[str, float], options: Mapping[str, Any]):
         raise ValueError(f"option 'optimizer' must be one of {list(_OPTIMIZERS)}, got {kind!r}")
     default_lr = default[1] if kind == default[0] else {"sgd": 1e-3, "adam": 1e-3, "clipup": 0.01}[kind]
     learning_rate = _positive("learning_rate", options.get("learning_rate", default_lr))
+    decay = _positive("learning_rate_decay", options.get("learning_rate_decay", 1.0), 1.0)
+    limit = _nonnegative("learning_rate_limit", options.get("learning_rate_limit", 0.0))
     if "max_velocity" in options and kind != "clipup":
         raise ValueError("option 'max_velocity' applies only to optimizer 'clipup'")
     if "momentum" in options and kind == "adam":
         raise ValueError("option 'momentum' does not apply to optimizer 'adam'")
+    schedule = learning_rate
+    if decay != 1.0:
+        def schedule(count):  # per-generation exponential decay with a floor
+            return jnp.maximum(learning_rate * decay ** count.astype(jnp.result_type(float)), limit)
+
     if kind == "sgd":
         momentum = options.get("momentum")
         if momentum is not None:
             momentum = _positive("momentum", momentum, 1.0)
-        return optax.sgd(learning_rate, momentum=momentum)
+        return optax.sgd(schedule, momentum=momentum)
     if kind == "adam":
-        return optax.adam(learning_rate)
+        return optax.adam(schedule)
     max_velocity = _positive("max_velocity", options.get("max_velocity", 2 * learning_rate))
     momentum = _positive("momentum", options.get("momentum", 0.9), 1.0)
-    return clipup(learning_rate=learning_rate, max_velocity=max_velocity, momentum=momentum)
+    if decay == 1.0:
+        return clipup(learning_rate=learning_rate, max_velocity=max_velocity, momentum=momentum)
+    # evosax's clipup with a scheduled learning rate: the velocity bound decays with it.
+    return optax.chain(
+        optax.normalize_by_update_norm(eps=1e-8),
+        scale_by_clipup(max_velocity_ratio=max_velocity / learning_rate, momentum=momentum),
+        optax.scale_by_learning_rate(schedule),
+    )
 
 
 def _make_params(name: str, params, options: Mapping[str, Any]):
