@@ -1,0 +1,192 @@
+"""Gradient baselines on exactly the engine's tasks: SGD, SGD+momentum and Adam via optax (DESIGN §3).
+
+A plain MLP (hidden activation configurable, linear output) is trained from fresh weights on each task's
+``T`` support batches, one optimizer step per batch on the mean softmax cross-entropy (``lax.scan``), then
+scored on the query set. Weights are a list of ``[n_l + 1, n_{l+1}]`` matrices whose LAST ROW IS THE BIAS,
+the layout of ``genome.synapses_from_weights``.
+
+Scoring mirrors the evaluation engine: a task whose query logits or loss are non-finite is ``diverged`` and
+counts as accuracy 0; curve points are the query accuracy after ``s`` updates.
+
+:func:`sweep` runs a learning-rate grid per optimizer. With ``validation_tasks`` the rate is chosen on them
+and the reported accuracy is measured on ``tasks`` (an unbiased estimate); without, the rate is chosen and
+reported on the same tasks (optimistic; the result says ``selected_on="tasks"``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from workers.task_types import Task
+
+__all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_LEARNING_RATES",
+    "OPTIMIZERS",
+    "init_mlp",
+    "mlp_forward",
+    "mlp_loss",
+    "run_baseline",
+    "sweep",
+    "task_init_keys",
+]
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+ACTIVATIONS = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda z: z}
+# half-decade log grid 1e-4 .. 10^1.5 (a sigmoid MLP trained for few steps often wants a large SGD rate)
+DEFAULT_LEARNING_RATES = tuple(float(f"{10.0 ** e:.4g}") for e in np.arange(-4.0, 1.51, 0.5))
+
+
+def init_mlp(key: jax.Array, layer_sizes: Sequence[int]) -> list[jax.Array]:
+    """Glorot-uniform weights, ``W ~ U(±√(6/(n_in+n_out)))``, and a zero bias as the last row."""
+    keys = jax.random.split(key, len(layer_sizes) - 1)
+    weights = []
+    for layer_key, n_in, n_out in zip(keys, layer_sizes[:-1], layer_sizes[1:]):
+        limit = np.sqrt(6.0 / (n_in + n_out))
+        w = jax.random.uniform(layer_key, (n_in, n_out), jnp.float32, -limit, limit)
+        weights.append(jnp.concatenate([w, jnp.zeros((1, n_out), jnp.float32)], axis=0))
+    return weights
+
+
+def mlp_forward(weights: Sequence[jax.Array], x: jax.Array, activation: str = "sigmoid") -> jax.Array:
+    """Logits of ``x [B, n_in]``: z = ā·W with ā = [a, 1] (bias = last row); linear output layer."""
+    act = ACTIVATIONS[activation]
+    h = x
+    for layer, w in enumerate(weights):
+        z = h @ w[:-1] + w[-1][None, :]
+        h = act(z) if layer < len(weights) - 1 else z
+    return h
+
+
+def mlp_loss(weights: Sequence[jax.Array], x: jax.Array, y: jax.Array, activation: str = "sigmoid") -> jax.Array:
+    """Mean softmax cross-entropy over the batch."""
+    logits = mlp_forward(weights, x, activation)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def task_init_keys(key: jax.Array, num_tasks: int) -> jax.Array:
+    """The per-task weight-init keys ``fold_in(key, i)`` that :func:`run_baseline` uses by default."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_tasks))
+
+
+def _optimizer(name: str, learning_rate) -> optax.GradientTransformation:
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=0.9)  # trace = g + 0.9·trace; W -= lr·trace
+    return optax.adam(learning_rate)  # b1 0.9, b2 0.999, eps 1e-8, bias-corrected
+
+
+def _query_scores(weights, task: Task, activation: str):
+    logits = mlp_forward(weights, task.query_x, activation)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, task.query_y))
+    diverged = ~(jnp.all(jnp.isfinite(logits)) & jnp.isfinite(loss))
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == task.query_y).astype(jnp.float32))
+    return jnp.where(diverged, 0.0, accuracy), loss, diverged
+
+
+def _train_task(optimizer_name, learning_rate, layer_sizes, activation, curve_steps, num_updates, task, init_key):
+    optimizer = _optimizer(optimizer_name, learning_rate)
+    weights = init_mlp(init_key, layer_sizes)
+    state = optimizer.init(weights)
+
+    def step(carry, t):
+        weights, state = carry
+        x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
+        y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
+        loss, grads = jax.value_and_grad(mlp_loss)(weights, x, y, activation)
+        updates, state = optimizer.update(grads, state, weights)
+        return (optax.apply_updates(weights, updates), state), loss
+
+    carry, losses, curve = (weights, state), [], {}
+    done = 0
+    for target in sorted(set(curve_steps)) + [num_updates]:  # train in segments between curve points
+        target = min(target, num_updates)
+        carry, segment_losses = jax.lax.scan(step, carry, jnp.arange(done, target))
+        losses.append(segment_losses)
+        done = target
+        curve[target] = _query_scores(carry[0], task, activation)
+    accuracy, loss, diverged = curve[num_updates]
+    result = {"accuracy": accuracy, "loss": loss, "diverged": diverged, "train_loss": jnp.concatenate(losses)}
+    if curve_steps:
+        result["curve_accuracy"] = jnp.stack([curve[min(s, num_updates)][0] for s in curve_steps])
+        result["curve_loss"] = jnp.stack([curve[min(s, num_updates)][1] for s in curve_steps])
+    return result
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
+def _run(optimizer_name, learning_rate, layer_sizes, activation, curve_steps, num_updates, tasks, init_keys):
+    train = functools.partial(_train_task, optimizer_name, learning_rate, layer_sizes, activation, curve_steps,
+                              num_updates)
+    return jax.vmap(train)(tasks, init_keys)
+
+
+def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequence[int], tasks: Task,
+                 key: jax.Array, curve_steps: Sequence[int] = (), activation: str = "sigmoid",
+                 skip_last_update: bool = False, init_keys: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Train a fresh MLP per task (vmapped over the task batch's leading axis K) and score its query set.
+
+    Returns arrays with leading axis K: ``accuracy``, ``loss`` (query cross-entropy, raw), ``diverged``,
+    ``train_loss [K, U]`` (each support batch's loss before its update) and, with ``curve_steps``,
+    ``curve_accuracy``/``curve_loss [K, S]`` after each listed number of updates (0..U). U = T, or T - 1
+    with ``skip_last_update`` (the engine's paper variant). Task k starts from ``init_mlp(init_keys[k])``,
+    by default ``init_keys = task_init_keys(key, K)``. Compiled once per (optimizer, shapes, options);
+    the learning rate is traced, so a sweep does not recompile.
+    """
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer_name!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    layer_sizes = tuple(int(n) for n in layer_sizes)
+    num_tasks, num_steps, _, num_inputs = tasks.support_x.shape
+    if num_inputs != layer_sizes[0]:
+        raise ValueError(f"layer_sizes[0]={layer_sizes[0]} does not match the tasks' {num_inputs} inputs")
+    num_updates = num_steps - 1 if skip_last_update and num_steps > 0 else num_steps
+    curve_steps = tuple(int(s) for s in curve_steps)
+    if any(not 0 <= s <= num_updates for s in curve_steps):
+        raise ValueError(f"curve_steps must lie in 0..{num_updates}, got {curve_steps}")
+    if init_keys is None:
+        init_keys = task_init_keys(key, num_tasks)
+    return _run(optimizer_name, jnp.asarray(learning_rate, jnp.float32), layer_sizes, activation, curve_steps,
+                num_updates, tasks, init_keys)
+
+
+def _mean_scores(result) -> tuple[float, float]:
+    loss = np.asarray(result["loss"], np.float64)
+    return float(np.mean(result["accuracy"])), float(np.mean(np.where(np.isfinite(loss), loss, np.inf)))
+
+
+def sweep(tasks: Task, layer_sizes: Sequence[int], key: jax.Array,
+          learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES, optimizers: Sequence[str] = OPTIMIZERS,
+          validation_tasks: Task | None = None, activation: str = "sigmoid",
+          skip_last_update: bool = False) -> dict[str, dict]:
+    """Learning-rate sweep per optimizer; the best rate has the highest mean query accuracy (ties: lower loss).
+
+    Returns ``{optimizer: {"best_lr", "best_accuracy", "best_loss", "sweep": {lr: mean accuracy on the
+    selection tasks}, "selected_on": "validation" | "tasks"}}``; ``best_accuracy``/``best_loss`` are
+    measured on ``tasks`` with ``init_keys = task_init_keys(key, K)``. The selection runs on
+    ``validation_tasks`` use the independent key ``fold_in(key, 1)``.
+    """
+    run = functools.partial(run_baseline, layer_sizes=layer_sizes, activation=activation,
+                            skip_last_update=skip_last_update)
+    selection_tasks = tasks if validation_tasks is None else validation_tasks
+    selection_key = key if validation_tasks is None else jax.random.fold_in(key, 1)
+    results = {}
+    for name in optimizers:
+        scores = {float(lr): _mean_scores(run(name, lr, tasks=selection_tasks, key=selection_key))
+                  for lr in learning_rates}
+        best_lr = max(scores, key=lambda lr: (scores[lr][0], -scores[lr][1]))
+        if validation_tasks is None:
+            best_accuracy, best_loss = scores[best_lr]
+        else:
+            best_accuracy, best_loss = _mean_scores(run(name, best_lr, tasks=tasks, key=key))
+        results[name] = {"best_lr": best_lr, "best_accuracy": best_accuracy, "best_loss": best_loss,
+                         "sweep": {lr: accuracy for lr, (accuracy, _) in scores.items()},
+                         "selected_on": "tasks" if validation_tasks is None else "validation"}
+    return results
