@@ -1,0 +1,273 @@
+"""The ``blur`` command line. Exit codes: 0 ok, 2 bad usage/config/input (one line, no traceback), 1 failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+VERBS = {
+    "evolve": "evolve a learning rule from a YAML config",
+    "resume": "continue a run directory from its last checkpoint",
+    "inspect": "show a genome file or a run directory",
+    "evaluate": "learning curves of a genome vs tuned SGD/Adam on held-out tasks",
+    "compare": "compare evolution with gradient-based outer loops on equal budgets",
+    "bench": "benchmark the evaluation engine against GEMM and PyTorch",
+    "tasks": "list task families and their options",
+}
+
+
+class UsageError(Exception):
+    """Bad usage, config or input: reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_evaluator_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, help="evaluate with N Ray workers (sets evaluator.kind=ray)")
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (fractions allowed)")
+    parser.add_argument("--ray-address", help="Ray cluster address ('auto' for an existing cluster); "
+                        "default: a local Ray started by the run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="blur", description="Evolutionary search for BLUR learning rules.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    p = sub.add_parser("evolve", help=VERBS["evolve"], description=VERBS["evolve"])
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set run.generations=5 (repeatable)")
+    p.add_argument("--seed", type=int, help="root seed (same as --set seed=S)")
+    p.add_argument("--quiet", action="store_true", help="no per-generation lines")
+    _add_evaluator_flags(p)
+    p = sub.add_parser("resume", help=VERBS["resume"], description=VERBS["resume"])
+    p.add_argument("run_dir")
+    p.add_argument("--quiet", action="store_true")
+    _add_evaluator_flags(p)
+    p = sub.add_parser("inspect", help=VERBS["inspect"], description=VERBS["inspect"])
+    p.add_argument("path", help="a .genome file or a run directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", help="write PNG plots with this path prefix")
+    p = sub.add_parser("evaluate", help=VERBS["evaluate"], description=VERBS["evaluate"])
+    p.add_argument("genome", help="a .genome file, 'backprop' or 'random'")
+    p.add_argument("--task", default="digits", help="task family (see `blur tasks`)")
+    p.add_argument("--steps", type=int, default=20, help="inner steps T")
+    p.add_argument("--tasks", type=int, default=16, help="number of held-out tasks")
+    p.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    p.add_argument("--n-way", type=int, help="classes per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--hidden", type=int, nargs="*", help="hidden widths for backprop/random (default 32)")
+    p.add_argument("--data-dir", help="data directory for IDX families")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", help="write a PNG of the learning curves")
+    p = sub.add_parser("compare", help=VERBS["compare"], description=VERBS["compare"])
+    p.add_argument("config")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p = sub.add_parser("bench", help=VERBS["bench"], description=VERBS["bench"])
+    p.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--ray", action="store_true", help="also measure Ray with 1 and 2 local workers")
+    p = sub.add_parser("tasks", help=VERBS["tasks"], description=VERBS["tasks"])
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler = globals()[f"cmd_{args.verb}"]
+        return int(handler(args) or 0)
+    except UsageError as error:
+        print(f"blur: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blur: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001
+        from evolution.checkpoint import CheckpointError
+        from evolution.config import ConfigError
+        from genome import GenomeFileError, SpecError
+        from workers.datasets import DatasetError
+
+        if isinstance(error, (ConfigError, GenomeFileError, SpecError, DatasetError, CheckpointError)):
+            print(f"blur: error: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 2
+        if os.environ.get("BLUR_DEBUG"):
+            raise
+        print(f"blur: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+              "(set BLUR_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+# -------------------------------------------------------------------------------------------- evolve
+
+
+def _evaluator_overrides(args) -> list[str]:
+    overrides = []
+    if getattr(args, "workers", None) is not None:
+        overrides += ["evaluator.kind=ray", f"evaluator.workers={args.workers}"]
+    if getattr(args, "gpus_per_worker", None) is not None:
+        overrides += ["evaluator.kind=ray", f"evaluator.gpus_per_worker={args.gpus_per_worker}"]
+    if getattr(args, "ray_address", None) is not None:
+        overrides += ["evaluator.kind=ray", f"evaluator.ray_address={args.ray_address}"]
+    return overrides
+
+
+def _evaluator_fn():
+    def make(config, spec):
+        if config.evaluator.kind == "ray":
+            from workers.ray import RayEvaluator
+
+            return RayEvaluator.from_config(spec, config)
+        from evolution.run import local_evaluator
+
+        return local_evaluator(config, spec)
+
+    return make
+
+
+class _Progress:
+    """A progress bar on a terminal, one line per generation otherwise (and unless --quiet)."""
+
+    def __init__(self, total: int, start: int, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        if sys.stderr.isatty() and not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="evolve", unit="gen", file=sys.stderr)
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        val = f"  val_acc {row['val_accuracy']:.3f}" if "val_accuracy" in row else ""
+        line = (f"gen {row['generation'] + 1:>4}  T={row['num_steps']:<3} best {row['best_fitness']:.4f}  "
+                f"mean {row['mean_fitness']:.4f}  train_acc {row['best_train_accuracy']:.3f}{val}  "
+                f"diverged {row['diverged']}  {row['generation_time']:.1f}s")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"best {row['best_fitness']:.3f}" + (val and f" val {row['val_accuracy']:.3f}"))
+            self.bar.update(1)
+            if "val_accuracy" in row:
+                self.bar.write(line)
+        elif not self.quiet:
+            print(line, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_to_end(run, quiet: bool) -> int:
+    from evolution.report import compare_on_heldout, format_markdown, format_table
+    from evolution.checkpoint import atomic_write_text
+    from evolution.run import _TEST, split_key, num_steps_at
+
+    config = run.config
+    print(f"run directory: {run.run_dir}")
+    print(f"network {run.spec.layer_sizes} k={run.spec.num_states}, genome dims {run.strategy.num_dims}, "
+          f"strategy {config.strategy.name} (population {config.strategy.population_size}), "
+          f"task {config.task.family}, evaluator {config.evaluator.kind}", flush=True)
+    progress = _Progress(config.run.generations, run.state.generation, quiet)
+    try:
+        reason = run.run(progress)
+    finally:
+        progress.close()
+        run.evaluator.close()
+    state = run.state
+    print(f"stopped: {reason} after {state.generation} generations, {state.evaluations} evaluations, "
+          f"{state.inner_steps} inner steps, {state.elapsed:.1f}s")
+    num_steps = num_steps_at(config, max(state.generation - 1, 0))
+    report = compare_on_heldout(
+        run.spec, {"evolved rule": run.best_genome()}, config.task, num_steps, split_key(config, _TEST),
+        num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
+        learning_rates=config.report.learning_rates, baseline_names=config.report.baselines,
+        include_backprop_genome=config.report.backprop_genome, skip_last_update=config.episode.skip_last_update,
+    )
+    atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(run.run_dir / "report.md", format_markdown(report))
+    print()
+    print(format_table(report))
+    print(f"\nbest genome: {run.run_dir / 'best.genome'} (generation {state.best_generation}); "
+          f"report: {run.run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_evolve(args) -> int:
+    from evolution.config import load_config
+    from evolution.run import Run
+
+    overrides = list(args.overrides) + _evaluator_overrides(args)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    config = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Run.create(config, out, _evaluator_fn())
+    return _run_to_end(run, args.quiet)
+
+
+def cmd_resume(args) -> int:
+    from evolution.run import Run
+
+    overrides = _evaluator_overrides(args)
+    if overrides:
+        raise UsageError("resume: evaluator flags are taken from the run's config.yaml; edit it to change them")
+    run = Run.resume(Path(args.run_dir), _evaluator_fn())
+    print(f"resuming at generation {run.state.generation}")
+    return _run_to_end(run, args.quiet)
+
+
+# -------------------------------------------------------------------------------------------- others
+
+
+def cmd_tasks(args) -> int:
+    from workers.tasks import FAMILIES
+
+    if args.json:
+        print(json.dumps({name: info._asdict() for name, info in FAMILIES.items()}, indent=2))
+        return 0
+    for name, info in FAMILIES.items():
+        needs = "  (needs --data-dir)" if info.needs_data_dir else ""
+        print(f"{name:<16} {info.description}{needs}")
+        print(f"{'':<16} default n_way {info.default_n_way}; options: {', '.join(info.options)}")
+    print("\ncommon options: n_way, batch_size, num_query (set under `task:` in a config)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from evolution.inspect import inspect_path
+
+    return inspect_path(Path(args.path), as_json=args.json, plot=args.plot)
+
+
+def cmd_evaluate(args) -> int:
+    from evolution.inspect import evaluate_genome
+
+    return evaluate_genome(args)
+
+
+def cmd_bench(args) -> int:
+    from workers.bench import run_bench
+
+    return run_bench(quick=args.quick, as_json=args.json, with_ray=args.ray)
+
+
+def cmd_compare(args) -> int:
+    try:
+        from evolution.compare import main_compare
+    except ImportError:
+        raise UsageError("compare: not available in this build") from None
+    return main_compare(args.config, args.out, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``blur inspect`` (genome files and run directories) and ``blur evaluate`` (held-out learning curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import genome as G
+
+MATRIX_NAMES = {"forward_transform": "ν forward", "backward_transform": "µ backward",
+                "pre_transform": "ν̃ pre-synaptic", "post_transform": "µ̃ post-synaptic"}
+
+
+def backprop_distance(spec: G.NetworkSpec, genome: G.Genome) -> float | None:
+    """Frobenius distance of the four k×k transforms to those of the backprop genome (k = 2 only)."""
+    if spec.num_states != 2:
+        return None
+    _, reference = G.backprop_genome(spec.layer_sizes, 0.1)
+    return float(np.sqrt(sum(np.sum((np.asarray(getattr(genome, n)) - np.asarray(getattr(reference, n))) ** 2)
+                             for n in MATRIX_NAMES)))
+
+
+def genome_summary(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> dict[str, Any]:
+    return {
+        "spec": spec.to_dict(),
+        "genome": {name: np.asarray(value).tolist() for name, value in genome._asdict().items()},
+        "num_dims": G.num_dims(spec),
+        "distance_to_backprop_genome": backprop_distance(spec, genome),
+        "metadata": metadata,
+    }
+
+
+def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
+    lines = [f"network {spec.layer_sizes}, k={spec.num_states} states, genome dims {G.num_dims(spec)}"]
+    flags = {k: v for k, v in spec.to_dict().items() if k not in ("layer_sizes", "num_states")}
+    lines.append("spec: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
+    for name, label in MATRIX_NAMES.items():
+        matrix = np.asarray(getattr(genome, name))
+        lines.append(f"{label} [{name}] (row = source state, column = destination state):")
+        lines += ["   " + "  ".join(f"{v:+8.4f}" for v in row) for row in matrix]
+    lines.append(f"f (neuron keep) {float(genome.neuron_keep):+.4g}   η (neuron update) {float(genome.neuron_update):+.4g}"
+                 f"   f̃ (synapse keep) {float(genome.synapse_keep):+.4g}   η̃ (synapse update) {float(genome.synapse_update):+.4g}")
+    if spec.activation_norm:
+        lines.append(f"norm scale {np.asarray(genome.norm_scale).round(4).tolist()}  "
+                     f"shift {np.asarray(genome.norm_shift).round(4).tolist()}")
+    if spec.oja:
+        lines.append(f"Oja multiplier {float(genome.oja):+.4g}")
+    if spec.saturation:
+        lines.append(f"saturation {float(genome.saturation):+.4g}")
+    distance = backprop_distance(spec, genome)
+    if distance is not None:
+        lines.append(f"distance of the transforms to the backprop genome: {distance:.4f}")
+    if metadata:
+        lines.append("metadata: " + json.dumps(metadata, sort_keys=True))
+    return "\n".join(lines)
+
+
+def plot_genome(spec: G.NetworkSpec, genome: G.Genome, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    for ax, (name, label) in zip(axes, MATRIX_NAMES.items()):
+        matrix = np.asarray(getattr(genome, name))
+        limit = max(float(np.abs(matrix).max()), 1e-6)
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(label)
+        ax.set_xlabel("destination state")
+        ax.set_ylabel("source state")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"genome transforms, k={spec.num_states}, η̃={float(genome.synapse_update):.3g}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_fitness(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    generations = [r["generation"] for r in rows]
+    ax.plot(generations, [r["best_fitness"] for r in rows], label="best (train)")
+    ax.plot(generations, [r["mean_fitness"] for r in rows], label="mean (train)")
+    val = [(r["generation"], r["val_fitness"]) for r in rows if "val_fitness" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> int:
+    from evolution.checkpoint import MetricsLog, load_checkpoint
+    from evolution.config import ConfigError, load_config
+
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: not a run directory (no config.yaml)")
+        config = load_config(path / "config.yaml")
+        counters = load_checkpoint(path)[0] if (path / "checkpoint.ckpt").exists() else {}
+        rows = MetricsLog(path / "metrics.jsonl").read()
+        best = G.load(path / "best.genome") if (path / "best.genome").exists() else None
+        report = json.loads((path / "report.json").read_text()) if (path / "report.json").exists() else None
+        if as_json:
+            out = {"run_dir": str(path), "config_generations": config.run.generations, "counters": counters,
+                   "metrics": rows, "best_genome": genome_summary(*best) if best else None, "report": report}
+            print(json.dumps(out, indent=2))
+        else:
+            print(f"run {path}: {config.strategy.name} on {config.task.family}, "
+                  f"generation {counters.get('generation', 0)}/{config.run.generations}, "
+                  f"{counters.get('evaluations', 0)} evaluations, stop reason {counters.get('stop_reason')}")
+            print(f"{'gen':>5} {'T':>4} {'best':>9} {'mean':>9} {'val_acc':>8} {'diverged':>8}")
+            stride = max(1, len(rows) // 20)
+            for row in rows[::stride] + ([rows[-1]] if rows and (len(rows) - 1) % stride else []):
+                val = f"{row['val_accuracy']:.3f}" if "val_accuracy" in row else "-"
+                print(f"{row['generation']:>5} {row['num_steps']:>4} {row['best_fitness']:>9.4f} "
+                      f"{row['mean_fitness']:>9.4f} {val:>8} {row['diverged']:>8}")
+            if best:
+                print("\nbest genome:")
+                print(format_genome(*best))
+            if report:
+                from evolution.report import format_table
+
+                print()
+                print(format_table(report))
+        if plot:
+            written = [plot_fitness(rows, Path(f"{plot}_fitness.png"))] if rows else []
+            if best:
+                written.append(plot_genome(best[0], best[1], Path(f"{plot}_genome.png")))
+            if not as_json:
+                print("plots: " + ", ".join(map(str, written)))
+        return 0
+    spec, genome, metadata = G.load(path)
+    if as_json:
+        print(json.dumps(genome_summary(spec, genome, metadata), indent=2))
+    else:
+        print(format_genome(spec, genome, metadata))
+    if plot:
+        written = plot_genome(spec, genome, Path(plot if plot.endswith(".png") else f"{plot}_genome.png"))
+        if not as_json:
+            print(f"plot: {written}")
+    return 0
+
+
+def evaluate_genome(args) -> int:
+    from evolution.cli import UsageError
+    from evolution.report import compare_on_heldout, format_table
+    from workers.tasks import FAMILIES, TaskConfig, make_family
+
+    if args.task not in FAMILIES:
+        raise UsageError(f"--task: unknown family {args.task!r}; see `blur tasks`")
+    if args.steps < 1 or args.tasks < 1:
+        raise UsageError("--steps and --tasks must be >= 1")
+    task_config = TaskConfig(family=args.task, n_way=args.n_way, batch_size=args.batch_size, data_dir=args.data_dir)
+    family = make_family(task_config, "train")
+    hidden = tuple(args.hidden) if args.hidden else (32,)
+    layer_sizes = (family.num_inputs, *hidden, family.num_classes)
+    if args.genome == "backprop":
+        spec, genome = G.backprop_genome(layer_sizes, 1.0, loss="cross_entropy")
+        name = "backprop genome (lr 1)"
+    elif args.genome == "random":
+        spec = G.NetworkSpec(layer_sizes)
+        genome = G.random_genome(spec, jax.random.key(args.seed))
+        name = "random genome"
+    else:
+        spec, genome, _ = G.load(args.genome)
+        name = f"genome {Path(args.genome).name}"
+        if (spec.num_inputs, spec.num_outputs) != (family.num_inputs, family.num_classes):
+            raise UsageError(f"{args.genome}: network {spec.layer_sizes} does not fit task {args.task} "
+                             f"({family.num_inputs} inputs, {family.num_classes} classes); set --n-way or --task")
+    curve_steps = sorted({0, args.steps // 4, args.steps // 2, (3 * args.steps) // 4, args.steps})
+    report = compare_on_heldout(spec, {name: genome}, task_config, args.steps,
+                                jax.random.fold_in(jax.random.key(args.seed), 3), num_test_tasks=args.tasks,
+                                split=args.split, curve_steps=curve_steps)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for method, row in report["methods"].items():
+            ax.plot(curve_steps, row["curve"], marker="o", label=method)
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel(f"held-out query accuracy ({args.split})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+        plt.close(fig)
+        if not args.json:
+            print(f"plot: {args.plot}")
+    return 0
