@@ -175,9 +175,11 @@ def unpack_state(data: bytes, expected: Mapping[str, Any]) -> bytes:
     return data[start + 4 + head_len :]
 
 
-def check_options(name: str, options: Mapping[str, Any], allowed: Mapping[str, Any]) -> None:
+def check_options(
+    name: str, options: Mapping[str, Any], allowed: Mapping[str, Any], known: str | None = None
+) -> None:
     """Raise ValueError naming the first option of ``options`` not in ``allowed``."""
     for key in options:
         if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
+            known = known or ", ".join(sorted(allowed)) or "none"
             raise ValueError(f"unknown option {key!r} for strategy {name!r}; known: {known}")

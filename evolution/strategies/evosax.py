@@ -31,6 +31,8 @@ unroll_length`` (a full unroll per generation) both reduce to antithetic ES.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +147,15 @@ class EvosaxState:
 
     inner: Any
     sigma_init: jax.Array
+
+
+@contextlib.contextmanager
+def _evosax_conventions():
+    """evosax's own conventions while tracing its code: implicit rank promotion ([D] against
+    [P, D]) and optax's deprecation of ``global_norm`` (used by evosax's ClipUp)."""
+    with jax.numpy_rank_promotion("allow"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "optax.global_norm is deprecated", DeprecationWarning)
+        yield
 
 
 def _strong(tree):
@@ -272,7 +283,7 @@ class EvosaxStrategy:
         params = self._params
         if self._spec.sigma_in == "params":
             params = params.replace(std_init=sigma)
-        with jax.numpy_rank_promotion("allow"):  # evosax broadcasts [D] against [P, D]
+        with _evosax_conventions():
             inner = self._algorithm.init(key, mean, params)
         if self._spec.sigma_in == "schedule":
             inner = inner.replace(std=sigma)
@@ -284,7 +295,7 @@ class EvosaxStrategy:
 
     def ask_fn(self, key: jax.Array, state: EvosaxState) -> tuple[jax.Array, EvosaxState]:
         """Pure: the population [P, D] and the state to pass to `tell_fn`."""
-        with jax.numpy_rank_promotion("allow"):
+        with _evosax_conventions():
             population, inner = self._algorithm.ask(key, state.inner, self._params)
         return population, _strong(state.replace(inner=inner))
 
@@ -298,7 +309,7 @@ class EvosaxStrategy:
         nan = jnp.isnan(fitness)
         worst = jnp.max(jnp.where(nan, -jnp.inf, fitness))
         fitness = jnp.where(nan & ~jnp.all(nan), worst, fitness)
-        with jax.numpy_rank_promotion("allow"):
+        with _evosax_conventions():
             inner, _ = self._algorithm.tell(key, population, fitness, state.inner, self._params)
         if self._spec.sigma_in == "schedule":
             std = state.sigma_init * self._sigma_decay ** inner.generation_counter.astype(dtype)

@@ -172,7 +172,9 @@ class PycmaStrategy:
                 raise ValueError(
                     f"option {key!r} is managed by the pycma adapter (sampling follows the JAX key)"
                 )
-        check_options("pycma", options, allowed)
+        check_options(
+            "pycma", options, allowed, known=f"cma.CMAOptions() keys and {', '.join(_ADAPTER_OPTIONS)}"
+        )
         adapter = {k: options.pop(k) for k in list(options) if k in _ADAPTER_OPTIONS}
         if "popsize" in options:
             popsize = options.pop("popsize")
