@@ -92,16 +92,21 @@ def test_labels_are_in_range_consistent_within_a_task_and_permuted_across_tasks(
 def test_task_is_identical_alone_or_in_a_batch_of_any_size(config):
     family = make_family(config, "train")
     key = jax.random.PRNGKey(7)
-    alone, batch = family.sample(key, 1, NUM_STEPS), family.sample(key, 5, NUM_STEPS)
-    for single, field in zip(alone, batch):
-        np.testing.assert_array_equal(np.asarray(single[0]), np.asarray(field[0]))
-    # a larger batch only appends tasks: tasks 0..4 are bit-identical
-    longer = family.sample(key, 7, NUM_STEPS)
-    for field, field_longer in zip(batch, longer):
-        np.testing.assert_array_equal(np.asarray(field), np.asarray(field_longer[:5]))
+    batch = family.sample(key, 5, NUM_STEPS)
+    for index in (0, 3):
+        alone = family.sample_one(key, index, NUM_STEPS)
+        for single, field in zip(alone, batch):
+            np.testing.assert_array_equal(np.asarray(single), np.asarray(field[index]))
     assert batch.support_x.shape == (5, NUM_STEPS, 8, family.num_inputs)
     assert batch.support_y.dtype == np.int32 and batch.query_x.shape == (5, 12, family.num_inputs)
     assert not np.array_equal(np.asarray(batch.support_x[0]), np.asarray(batch.support_x[1]))
+
+
+def test_a_larger_batch_only_appends_tasks(digits):
+    key = jax.random.PRNGKey(3)
+    small, large = digits["test"].sample(key, 2, NUM_STEPS), digits["test"].sample(key, 6, NUM_STEPS)
+    for field, field_large in zip(small, large):
+        np.testing.assert_array_equal(np.asarray(field), np.asarray(field_large[:2]))
 
 
 def test_toy2d_splits_use_disjoint_functions_and_seeds():

@@ -44,12 +44,17 @@ DEFAULT_LEARNING_RATES = tuple(float(f"{10.0 ** e:.4g}") for e in np.arange(-4.0
 
 
 def init_mlp(key: jax.Array, layer_sizes: Sequence[int]) -> list[jax.Array]:
-    """Glorot-uniform weights, ``W ~ U(±√(6/(n_in+n_out)))``, and a zero bias as the last row."""
-    keys = jax.random.split(key, len(layer_sizes) - 1)
-    weights = []
-    for layer_key, n_in, n_out in zip(keys, layer_sizes[:-1], layer_sizes[1:]):
-        limit = np.sqrt(6.0 / (n_in + n_out))
-        w = jax.random.uniform(layer_key, (n_in, n_out), jnp.float32, -limit, limit)
+    """Glorot-uniform weights, ``W ~ U(±√(6/(n_in+n_out)))``, and a zero bias as the last row.
+
+    All layers come from one uniform draw (one threefry block: much cheaper to compile than one per layer).
+    """
+    shapes = list(zip(layer_sizes[:-1], layer_sizes[1:]))
+    u = jax.random.uniform(key, (sum(n_in * n_out for n_in, n_out in shapes),), jnp.float32, -1.0, 1.0)
+    weights, start = [], 0
+    for n_in, n_out in shapes:
+        limit = np.float32(np.sqrt(6.0 / (n_in + n_out)))
+        w = limit * u[start: start + n_in * n_out].reshape(n_in, n_out)
+        start += n_in * n_out
         weights.append(jnp.concatenate([w, jnp.zeros((1, n_out), jnp.float32)], axis=0))
     return weights
 
@@ -91,9 +96,8 @@ def _query_scores(weights, task: Task, activation: str):
     return jnp.where(diverged, 0.0, accuracy), loss, diverged
 
 
-def _train_task(optimizer_name, learning_rate, layer_sizes, activation, curve_steps, num_updates, task, init_key):
+def _train_task(optimizer_name, learning_rate, activation, curve_steps, num_updates, task, weights):
     optimizer = _optimizer(optimizer_name, learning_rate)
-    weights = init_mlp(init_key, layer_sizes)
     state = optimizer.init(weights)
 
     def step(carry, t):
@@ -120,11 +124,16 @@ def _train_task(optimizer_name, learning_rate, layer_sizes, activation, curve_st
     return result
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
-def _run(optimizer_name, learning_rate, layer_sizes, activation, curve_steps, num_updates, tasks, init_keys):
-    train = functools.partial(_train_task, optimizer_name, learning_rate, layer_sizes, activation, curve_steps,
-                              num_updates)
-    return jax.vmap(train)(tasks, init_keys)
+@functools.partial(jax.jit, static_argnums=1)
+def _init_batch(init_keys, layer_sizes):
+    # compiled apart from training: shared by every optimizer, rate and curve setting of the same shapes
+    return jax.vmap(lambda k: init_mlp(k, layer_sizes))(init_keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _run(optimizer_name, learning_rate, activation, curve_steps, num_updates, tasks, weights):
+    train = functools.partial(_train_task, optimizer_name, learning_rate, activation, curve_steps, num_updates)
+    return jax.vmap(train)(tasks, weights)
 
 
 def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequence[int], tasks: Task,
@@ -153,8 +162,9 @@ def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequenc
         raise ValueError(f"curve_steps must lie in 0..{num_updates}, got {curve_steps}")
     if init_keys is None:
         init_keys = task_init_keys(key, num_tasks)
-    return _run(optimizer_name, jnp.asarray(learning_rate, jnp.float32), layer_sizes, activation, curve_steps,
-                num_updates, tasks, init_keys)
+    weights = _init_batch(init_keys, layer_sizes)
+    return _run(optimizer_name, jnp.asarray(learning_rate, jnp.float32), activation, curve_steps, num_updates,
+                tasks, weights)
 
 
 def _mean_scores(result) -> tuple[float, float]:

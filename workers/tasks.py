@@ -243,6 +243,13 @@ def _sample_batch(spec: _SamplerSpec, data, key, num_tasks: int, num_steps: int)
     return jax.lax.map(lambda k: _sample_task(spec, data, k, num_steps), task_keys)
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "num_steps"))
+def _sample_single(spec: _SamplerSpec, data, key, index, num_steps: int) -> Task:
+    # the same lax.map program as _sample_batch, with one trip, so the task is bit-identical to its batch copy
+    task_keys = jax.random.fold_in(key, index)[None]
+    return jax.tree.map(lambda a: a[0], jax.lax.map(lambda k: _sample_task(spec, data, k, num_steps), task_keys))
+
+
 @dataclass(frozen=True, eq=False)
 class TaskFamily:
     """One split of a task family: its data as JAX arrays and a pure ``sample``.
@@ -258,7 +265,7 @@ class TaskFamily:
     num_classes: int
     classes: tuple[int, ...]
     data: Any
-    spec: _SamplerSpec
+    sampler: _SamplerSpec
     source: str | None = None
     support_ids: np.ndarray | None = None
     query_ids: np.ndarray | None = None
@@ -268,7 +275,11 @@ class TaskFamily:
 
     def sample(self, key: jax.Array, num_tasks: int, num_steps: int) -> Task:
         """``num_tasks`` tasks with ``num_steps`` support batches; task i is a function of fold_in(key, i)."""
-        return _sample_batch(self.spec, self.data, key, num_tasks=int(num_tasks), num_steps=int(num_steps))
+        return _sample_batch(self.sampler, self.data, key, num_tasks=int(num_tasks), num_steps=int(num_steps))
+
+    def sample_one(self, key: jax.Array, index, num_steps: int) -> Task:
+        """Task ``index`` of ``sample(key, ...)`` alone, without the leading axis (``index`` may be traced)."""
+        return _sample_single(self.sampler, self.data, key, jnp.asarray(index, jnp.int32), num_steps=int(num_steps))
 
 
 # ----------------------------------------------------------------------------------- construction
@@ -418,15 +429,13 @@ def _make_pool_family(config: TaskConfig, split: str) -> TaskFamily:
     splits = _class_splits(config, all_classes, sources)
     indices = _split_indices(config, sources, splits)
     # normalization statistics from the meta-train split only
-    train_source = sources[splits["train"][1]][0]
-    train_x = _transform(config, train_source[np.concatenate(list(indices["train"].values()))])
-    if config.normalize == "standardize":
-        mean, std = train_x.mean(), train_x.std()
-    elif config.normalize == "per_feature":
-        mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+    mean, std = np.float32(0.0), np.float32(1.0)
+    if config.normalize != "none":
+        train_source = sources[splits["train"][1]][0]
+        train_x = _transform(config, train_source[np.concatenate(list(indices["train"].values()))])
+        per_feature = config.normalize == "per_feature"
+        mean, std = train_x.mean(axis=0 if per_feature else None), train_x.std(axis=0 if per_feature else None)
         std = np.maximum(std, 1e-2 * std.mean() + 1e-8)  # constant border pixels would divide by ~0
-    else:
-        mean, std = np.float32(0.0), np.float32(1.0)
     classes, source = splits[split]
     x_all = sources[source][0]
     support_ids, query_ids = [], []
