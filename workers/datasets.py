@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import os
 import random
@@ -203,7 +204,8 @@ def load_mnist1d(cache_dir: str | os.PathLike | None = None, num_samples: int = 
     args = get_dataset_args(as_dict=True)
     args.update(num_samples=int(num_samples), seed=int(seed))
     args.pop("url", None)  # the download URL is never used
-    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    provenance = {"args": args, "mnist1d": importlib.metadata.version("mnist1d")}
+    digest = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "blur-evolve")
     cache_path = cache_dir.expanduser() / f"mnist1d-{digest}.npz"
     if cache_path.is_file():
