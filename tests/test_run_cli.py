@@ -1,0 +1,208 @@
+"""The evolution driver end to end: resume after kill -9 equals the uninterrupted run, atomic checkpoints,
+stop criteria, curriculum, CLI errors and ``blur inspect``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import genome as G
+from evolution.checkpoint import load_checkpoint, save_checkpoint
+from evolution.cli import main
+from evolution.config import load_config
+from evolution.run import TIMING_KEYS, Run, local_evaluator
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+# long enough that a kill lands mid-run: each generation evaluates 8 x 12 episodes of 6 steps
+KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy.population_size=8",
+                  "run.validation_every=3"]
+
+
+def blur(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "evolution.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def set_args(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    proc = blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(KILL_OVERRIDES))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    return out, stdout
+
+
+def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):
+    out, stdout = uninterrupted
+    for method in ("evolved rule", "backprop genome", "SGD", "SGD+momentum", "Adam"):
+        assert method in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] == "test" and set(report["methods"]) >= {"evolved rule", "Adam"}
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in report["methods"].values())
+    rows = metric_rows(out)
+    assert [r["generation"] for r in rows] == list(range(24))
+    assert {"best_fitness", "mean_fitness", "evaluations", "inner_steps", "diverged"} <= set(rows[0])
+    assert "val_accuracy" in rows[2] and "val_accuracy" not in rows[0]
+    assert rows[-1]["evaluations"] == 24 * 8 and rows[-1]["inner_steps"] == 24 * 8 * 12 * 4
+    for name in ("config.yaml", "provenance.json", "best.genome", "checkpoint.ckpt", "report.md"):
+        assert (out / name).is_file()
+    assert load_config(out / "config.yaml").run.generations == 24
+
+
+def test_resume_after_kill_9_equals_the_uninterrupted_run(uninterrupted, tmp_path):
+    full, _ = uninterrupted
+    out = tmp_path / "killed"
+    proc = blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(KILL_OVERRIDES))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(metric_rows(out)) < 24
+    resumed = blur("resume", str(out), "--quiet")
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert metric_rows(out) == metric_rows(full)
+    spec_a, genome_a, meta_a = G.load(full / "best.genome")
+    spec_b, genome_b, meta_b = G.load(out / "best.genome")
+    assert spec_a == spec_b and meta_a["generation"] == meta_b["generation"] and meta_a["score"] == meta_b["score"]
+    for a, b in zip(genome_a, genome_b):
+        np.testing.assert_array_equal(a, b)
+
+
+WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from evolution.checkpoint import save_checkpoint
+run_dir, i = Path(sys.argv[1]), 0
+while True:
+    i += 1
+    save_checkpoint(run_dir, {"generation": i}, bytes([i % 251]) * 3_000_000, np.full(5, i, np.float32))
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, {"generation": 0}, b"\x00" * 10, None)
+    for delay in (0.3, 0.45, 0.6):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        counters, state, best = load_checkpoint(tmp_path)  # never torn: an old or a new checkpoint
+        generation = counters["generation"]
+        assert state == (bytes([generation % 251]) * 3_000_000 if generation else b"\x00" * 10)
+        assert best is None or np.all(best == generation)
+
+
+def in_process_run(tmp_path, overrides):
+    config = load_config(SMOKE, overrides)
+    run = Run.create(config, tmp_path / "run", local_evaluator)
+    run.run()
+    return run, metric_rows(tmp_path / "run")
+
+
+def test_stop_criteria_and_curriculum(tmp_path):
+    run, rows = in_process_run(tmp_path, ["run.generations=50", "run.max_evaluations=18",
+                                          "run.curriculum.every=1", "run.curriculum.increment=2",
+                                          "run.curriculum.max_steps=7"])
+    assert run.state.stop_reason == "max_evaluations" and len(rows) == 3
+    assert [r["num_steps"] for r in rows] == [4, 6, 7]
+    run, rows = in_process_run(tmp_path / "b", ["run.generations=50", "run.target_fitness=100.0"])
+    assert run.state.stop_reason == "target_fitness" and len(rows) == 1
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evolve", "missing.yaml"], "config file not found"),
+    (["evolve", str(SMOKE), "--set", "task.n_wya=3"], "task.n_wya: unknown key"),
+    (["evolve", str(SMOKE), "--set", "run.generations=many"], "run.generations: expected an integer"),
+    (["evolve", str(SMOKE), "--set", "strategy.population_size=1"], "strategy.population_size: must be >= 2"),
+    (["evolve", str(SMOKE), "--set", "episode.num_steps=-3"], "num_steps must be >= 0"),
+    (["evolve", str(SMOKE), "--set", "strategy.name=hillclimb"], "strategy.name: unknown strategy"),
+    (["evolve", str(SMOKE), "--set", "task.family=imagenet"], "unknown task family"),
+    (["evolve", str(SMOKE), "--set", "nonsense"], "expected key=value"),
+    (["evolve", str(SMOKE), "--set", "task.family=fashion_mnist", "--set", "task.data_dir=/nonexistent/dir"],
+     "/nonexistent/dir"),
+    (["evolve"], "required"),
+    (["evolve", str(SMOKE), "--seed", "x"], "invalid int"),
+    (["frobnicate"], "invalid choice"),
+    (["resume", "/nonexistent/run"], "run directory not found"),
+    (["inspect", "/nonexistent.genome"], "not found"),
+    (["evaluate", "random", "--task", "imagenet"], "unknown family"),
+])
+def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path):
+    code, out, err = run_cli(argv + (["--out", str(tmp_path / "o")] if argv[:1] == ["evolve"] and len(argv) > 1
+                                     and argv[1] != "--seed" else []), capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_bad_yaml_and_existing_run_are_rejected_without_damage(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    code, _, err = run_cli(["evolve", str(bad)], capsys)
+    assert code == 2 and "invalid YAML" in err
+    existing = tmp_path / "run"
+    existing.mkdir()
+    (existing / "metrics.jsonl").write_text('{"generation": 0}\n')
+    code, _, err = run_cli(["evolve", str(SMOKE), "--out", str(existing)], capsys)
+    assert code == 2 and "already exists" in err
+    assert (existing / "metrics.jsonl").read_text() == '{"generation": 0}\n'
+    assert sorted(p.name for p in existing.iterdir()) == ["metrics.jsonl"]
+    code, _, err = run_cli(["resume", str(existing)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_a_genome_file_and_a_run(uninterrupted, tmp_path, capsys):
+    full, _ = uninterrupted
+    spec, genome = G.backprop_genome((4, 3, 2), 0.1)
+    path = G.save(tmp_path / "bp.genome", spec, genome, {"fitness": 0.5})
+    code, out, _ = run_cli(["inspect", str(path), "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and info["distance_to_backprop_genome"] == 0.0 and info["metadata"] == {"fitness": 0.5}
+    code, out, _ = run_cli(["inspect", str(path), "--plot", str(tmp_path / "g")], capsys)
+    assert code == 0 and "ν forward" in out and (tmp_path / "g_genome.png").stat().st_size > 1000
+    code, out, _ = run_cli(["inspect", str(full), "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0 and len(info["metrics"]) == 24 and info["counters"]["stop_reason"] == "generations"
+    assert info["best_genome"]["spec"]["layer_sizes"] == [64, 8, 3]
+    code, out, _ = run_cli(["inspect", str(full), "--plot", str(tmp_path / "r")], capsys)
+    assert code == 0 and "best genome" in out and (tmp_path / "r_fitness.png").is_file()
+
+
+def test_blur_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for verb in ("evolve", "resume", "inspect", "evaluate", "compare", "bench", "tasks"):
+        assert verb in out
