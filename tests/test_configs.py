@@ -1,0 +1,48 @@
+"""Every shipped config loads, validates and builds its network; configs round-trip through YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evolution.config import ConfigError, config_from_dict, dump_config, load_config
+from evolution.run import network_spec, num_steps_at
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_loads_and_round_trips(path):
+    config = load_config(path)
+    assert config_from_dict(yaml.safe_load(dump_config(config))) == config
+    if "compare" not in path.stem:
+        spec = network_spec(config)
+        assert spec.layer_sizes[1:-1] == config.network.hidden_sizes
+
+
+def test_paper_cmaes_config_is_the_paper_setup():
+    config = load_config(Path(CONFIGS[0]).parent / "paper_cmaes.yaml")
+    assert config.strategy.name == "pycma" and config.strategy.population_size == 80
+    assert network_spec(config).layer_sizes == (196, 512, 10) and config.network.num_states == 2
+    assert config.episode.num_steps == 15 and config.task.batch_size == 128
+    assert config.task.num_query == 20 * 128 and config.episode.fitness == "error_rate"
+
+
+def test_overrides_are_type_checked_and_nested():
+    config = config_from_dict({}, ["run.curriculum.every=2", "network.hidden_sizes=[4, 5]", "strategy.sigma=1"])
+    assert config.run.curriculum.every == 2 and config.network.hidden_sizes == (4, 5)
+    assert isinstance(config.strategy.sigma, float)
+    with pytest.raises(ConfigError, match="network.hidden_sizes\\[1\\]: expected an integer"):
+        config_from_dict({}, ["network.hidden_sizes=[4, x]"])
+    with pytest.raises(ConfigError, match="run.curriculum.evry: unknown key"):
+        config_from_dict({}, ["run.curriculum.evry=2"])
+    with pytest.raises(ConfigError, match="network.oja: expected true/false"):
+        config_from_dict({"network": {"oja": "yes please"}})
+
+
+def test_curriculum_adds_steps_every_n_generations_up_to_the_cap():
+    config = config_from_dict({"episode": {"num_steps": 10},
+                               "run": {"curriculum": {"every": 3, "increment": 5, "max_steps": 22}}})
+    assert [num_steps_at(config, g) for g in (0, 2, 3, 6, 9, 30)] == [10, 10, 15, 20, 22, 22]
