@@ -7,6 +7,7 @@ run would have done (same populations, fitness, metrics and best genome).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -218,18 +219,16 @@ class Run:
             "inner_steps": state.inner_steps,
         }
         row.update({f"strategy_{k}": v for k, v in self.strategy.info(self.strategy_state).items()})
-        validate = config.run.validation_every > 0 and (
-            (generation + 1) % config.run.validation_every == 0 or generation + 1 == config.run.generations
-        )
-        if validate:
-            row.update(self._validate(population[best_index], num_steps, generation))
-        elif config.run.validation_every == 0:
-            self._offer_best(population[best_index], row["best_fitness"], generation)
         if config.run.target_fitness is not None and row["best_fitness"] <= config.run.target_fitness:
             state.stop_reason = "target_fitness"
         if self.strategy.stop(self.strategy_state):
             state.stop_reason = "strategy"
         state.generation += 1
+        last = self._stop_reason() is not None
+        if config.run.validation_every > 0 and (state.generation % config.run.validation_every == 0 or last):
+            row.update(self._validate(population[best_index], num_steps, generation))
+        elif config.run.validation_every == 0:
+            self._offer_best(population[best_index], row["best_fitness"], generation)
         generation_time = time.perf_counter() - start
         state.elapsed += generation_time
         row.update({
@@ -273,7 +272,14 @@ class Run:
     def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> str:
         """Run generations until a stop criterion; returns the stop reason."""
         while (reason := self._stop_reason()) is None:
-            row = self.step()
+            saved = (self.strategy_state, dataclasses.replace(self.state, failures=list(self.state.failures)))
+            try:
+                row = self.step()
+            except Exception:
+                # e.g. every Ray worker lost: keep the last complete generation on disk, then report
+                self.strategy_state, self.state = saved
+                self.checkpoint()
+                raise
             if on_generation is not None:
                 on_generation(row)
         self.state.stop_reason = reason
