@@ -117,3 +117,26 @@ def test_canonical_flops_count_four_products_and_the_state_mixes():
     spec = G.NetworkSpec((2, 3), num_states=1)
     # one layer: 4 products of 2·B·(n_in+1)·n_out·k = 4·2·1·3·3·1 = 72; mixes 2·B·k²·(3+3+3+3+3+2) = 34
     assert E.canonical_flops(spec, 1) == 72 + 34
+
+
+def test_backprop_genome_episode_equals_the_sgd_baseline_on_the_same_batches():
+    """The engine and the baselines see exactly the same data: same tasks, same init, same lr -> same scores."""
+    from workers import baselines
+    from workers.evaluator import synapse_keys
+    from workers.tasks import TaskConfig, make_family
+
+    family = make_family(TaskConfig(family="digits", n_way=3, batch_size=8, num_query=24), "validation")
+    task_key = jax.random.key(3)
+    tasks = family.sample(task_key, 4, 12)
+    spec, genome = G.backprop_genome((family.num_inputs, 10, 3), 0.7, loss="cross_entropy")
+    keys = synapse_keys(task_key, 4)
+    curve_steps = (0, 6, 12)
+    result = E.evaluate(spec, G.ravel(spec, genome)[None], tasks, keys,
+                        E.EpisodeConfig(num_steps=12, curve_steps=curve_steps))
+    init = jax.vmap(lambda k: G.weights_from_synapses(spec, G.init_synapses(spec, k)))(keys)
+    sgd = baselines.run_baseline("sgd", 0.7, spec.layer_sizes, tasks, task_key, curve_steps=curve_steps,
+                                 activation="sigmoid", init_weights=init)
+    np.testing.assert_allclose(result.accuracy[0], sgd["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(result.curve[0], sgd["curve_accuracy"], atol=1e-6)
+    np.testing.assert_allclose(result.cross_entropy[0], sgd["loss"], rtol=1e-4, atol=1e-5)
+    assert float(jnp.mean(sgd["accuracy"])) > float(jnp.mean(sgd["curve_accuracy"][:, 0])) + 0.1  # it learned

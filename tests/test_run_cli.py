@@ -206,3 +206,28 @@ def test_blur_help_lists_every_verb(capsys):
     assert exit_info.value.code == 0
     for verb in ("evolve", "resume", "inspect", "evaluate", "compare", "bench", "tasks"):
         assert verb in out
+
+
+def test_evaluate_prints_curves_of_a_genome_and_tuned_baselines(tmp_path, capsys):
+    spec, genome = G.backprop_genome((64, 8, 3), 0.5, loss="cross_entropy")
+    path = G.save(tmp_path / "bp.genome", spec, genome)
+    code, out, err = run_cli(["evaluate", str(path), "--task", "digits", "--steps", "4", "--tasks", "4",
+                              "--json", "--plot", str(tmp_path / "curves.png")], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["split"] == "test" and report["curve_steps"] == [0, 1, 2, 3, 4]
+    assert {"genome bp.genome", "backprop genome", "SGD", "SGD+momentum", "Adam"} == set(report["methods"])
+    for row in report["methods"].values():
+        assert len(row["curve"]) == 5 and all(0.0 <= v <= 1.0 for v in row["curve"])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    wrong = G.save(tmp_path / "wrong.genome", *G.backprop_genome((5, 4, 3), 0.5))
+    code, _, err = run_cli(["evaluate", str(wrong), "--task", "digits"], capsys)
+    assert code == 2 and "does not fit task digits" in err
+
+
+def test_tasks_lists_every_family(capsys):
+    code, out, _ = run_cli(["tasks", "--json"], capsys)
+    families = json.loads(out)
+    assert code == 0
+    assert {"digits", "fashion_mnist", "mnist", "idx", "mnist1d", "toy2d", "teacher_student"} <= set(families)
+    assert families["mnist"]["needs_data_dir"] is True

@@ -138,14 +138,16 @@ def _run(optimizer_name, learning_rate, activation, curve_steps, num_updates, ta
 
 def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequence[int], tasks: Task,
                  key: jax.Array, curve_steps: Sequence[int] = (), activation: str = "sigmoid",
-                 skip_last_update: bool = False, init_keys: jax.Array | None = None) -> dict[str, jax.Array]:
+                 skip_last_update: bool = False, init_keys: jax.Array | None = None,
+                 init_weights: Sequence[jax.Array] | None = None) -> dict[str, jax.Array]:
     """Train a fresh MLP per task (vmapped over the task batch's leading axis K) and score its query set.
 
     Returns arrays with leading axis K: ``accuracy``, ``loss`` (query cross-entropy, raw), ``diverged``,
     ``train_loss [K, U]`` (each support batch's loss before its update) and, with ``curve_steps``,
     ``curve_accuracy``/``curve_loss [K, S]`` after each listed number of updates (0..U). U = T, or T - 1
     with ``skip_last_update`` (the engine's paper variant). Task k starts from ``init_mlp(init_keys[k])``,
-    by default ``init_keys = task_init_keys(key, K)``. Compiled once per (optimizer, shapes, options);
+    by default ``init_keys = task_init_keys(key, K)``, unless ``init_weights`` (a list of ``[K, n_l + 1,
+    n_{l+1}]`` arrays, last row bias) gives the starting weights. Compiled once per (optimizer, shapes, options);
     the learning rate is traced, so a sweep does not recompile.
     """
     if optimizer_name not in OPTIMIZERS:
@@ -160,9 +162,15 @@ def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequenc
     curve_steps = tuple(int(s) for s in curve_steps)
     if any(not 0 <= s <= num_updates for s in curve_steps):
         raise ValueError(f"curve_steps must lie in 0..{num_updates}, got {curve_steps}")
-    if init_keys is None:
-        init_keys = task_init_keys(key, num_tasks)
-    weights = _init_batch(init_keys, layer_sizes)
+    if init_weights is not None:
+        weights = [jnp.asarray(w, jnp.float32) for w in init_weights]
+        expected = [(num_tasks, n + 1, m) for n, m in zip(layer_sizes[:-1], layer_sizes[1:])]
+        if [tuple(w.shape) for w in weights] != expected:
+            raise ValueError(f"init_weights must have shapes {expected}, got {[tuple(w.shape) for w in weights]}")
+    else:
+        if init_keys is None:
+            init_keys = task_init_keys(key, num_tasks)
+        weights = _init_batch(init_keys, layer_sizes)
     return _run(optimizer_name, jnp.asarray(learning_rate, jnp.float32), activation, curve_steps, num_updates,
                 tasks, weights)
 
