@@ -1,0 +1,264 @@
+"""The Ray evaluator on real Ray clusters on loopback (no mocks): the same arrays as the in-process
+evaluator, a whole smoke run identical to the in-process run, a worker killed mid-generation changing
+nothing, and no process left behind.
+
+``TestOnExistingCluster`` starts ``ray start --head`` (token auth on, dashboard off) as a subprocess and
+connects to it like ``--ray-address host:port`` would; the tests after it start their own local Ray in
+this process. Every process a test started is ended by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import psutil
+import pytest
+
+import genome as G
+from evolution.config import load_config
+from evolution.run import TIMING_KEYS, Run, local_evaluator, network_spec
+from workers.evaluator import LocalEvaluator
+from workers.ray import TIMING_METRICS, RayEvaluator, WorkersLostError, actor_options, check_device
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smoke_vectors(spec: G.NetworkSpec, num: int, seed: int = 0) -> np.ndarray:
+    keys = jax.random.split(jax.random.key(seed), num)
+    return np.asarray(jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k)))(keys), np.float64)
+
+
+def assert_same_evaluation(actual, expected) -> None:
+    for name, a, b in zip(expected._fields, actual, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def loopback_only(processes) -> list[str]:
+    """Listening addresses of ``processes`` that are not loopback."""
+    bad = []
+    for p in processes:
+        try:
+            for c in p.net_connections():
+                if c.status == psutil.CONN_LISTEN and c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1"):
+                    bad.append(f"{p.name()} {c.laddr.ip}:{c.laddr.port}")
+        except psutil.NoSuchProcess:
+            pass
+    return bad
+
+
+class HeadNode:
+    """``ray start --head`` in a private temp dir; its processes are found by that dir or its GCS port."""
+
+    def __init__(self):
+        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are limited
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.seen: dict[int, psutil.Process] = {}
+        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        if not (Path.home() / ".ray" / "auth_token").is_file():  # the user's token, as `ray start` expects
+            subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+        command = [RAY, "start", "--head", f"--port={self.port}", "--num-cpus=2", "--num-gpus=1",
+                   "--include-dashboard=false", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                   f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                   f"--metrics-export-port={free_port()}"]
+        try:
+            subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+        finally:
+            self.processes()
+
+    def processes(self) -> list[psutil.Process]:
+        markers = (self.temp_dir, self.address)
+        for p in psutil.process_iter(["cmdline"]):
+            if any(m in arg for arg in (p.info["cmdline"] or []) for m in markers):
+                self.seen[p.pid] = p
+        for p in list(self.seen.values()):
+            try:
+                self.seen.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        return [p for p in self.seen.values() if p.is_running()]
+
+    def stop(self) -> list[psutil.Process]:
+        """Terminate (then kill) every process of this head node; returns those still alive (none)."""
+        alive = self.processes()
+        for method in ("terminate", "kill"):
+            for p in alive:
+                try:
+                    getattr(p, method)()
+                except psutil.NoSuchProcess:
+                    pass
+            _, alive = psutil.wait_procs(alive, timeout=15)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return alive
+
+
+@pytest.fixture(scope="class")  # torn down after TestOnExistingCluster, before the own-Ray tests
+def head():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_AUTH_MODE", raising=False)  # the evaluator turns token auth on itself
+        mp.delenv("RAY_ADDRESS", raising=False)
+        node = HeadNode()
+        try:
+            yield node
+        finally:
+            assert node.stop() == [], "processes of the head node survived"
+
+
+@pytest.fixture(scope="class")
+def smoke(head):
+    config = load_config(SMOKE, ["evaluator.kind=ray", "evaluator.workers=2",
+                                 f"evaluator.ray_address={head.address}"])
+    spec = network_spec(config)
+    evaluator = RayEvaluator.from_config(spec, config)
+    try:
+        yield config, spec, evaluator
+    finally:
+        evaluator.close()
+
+
+class TestOnExistingCluster:
+    """A driver connecting to a running cluster (``evaluator.ray_address``), as `blur evolve --ray-address`."""
+
+    def test_connects_with_token_auth_and_two_single_threaded_cpu_workers(self, head, smoke):
+        _, _, evaluator = smoke
+        info = evaluator.describe()
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+        assert info["address"] == head.address and not info["started_ray"]
+        assert [w["state"] for w in info["workers"]] == ["alive", "alive"]
+        assert {w["threads"] for w in info["workers"]} == {"1"} and {w["backend"] for w in info["workers"]} == {"cpu"}
+        worker_pids = {w["pid"] for w in info["workers"]}
+        assert worker_pids <= {p.pid for p in head.processes()}  # the workers run on that cluster
+        assert loopback_only(head.processes()) == []
+
+    def test_same_arrays_as_in_process_evaluator(self, smoke):
+        config, spec, evaluator = smoke
+        local = LocalEvaluator(spec, config.task, config.episode)
+        vectors = smoke_vectors(spec, 6)
+        key = jax.random.key(11)
+        expected = local.evaluate(vectors, "train", key, 3, 4)
+        assert_same_evaluation(evaluator.evaluate(vectors, "train", key, 3, 4), expected)
+        # 5 rows on 2 workers: uneven shards, the last padded to the same shape
+        assert_same_evaluation(evaluator.evaluate(vectors[:5], "train", key, 3, 4), type(expected)(*(a[:5] for a in expected)))
+        pair_key = jax.random.key(12)
+        assert_same_evaluation(evaluator.evaluate(vectors[:2], "validation", pair_key, 4, 4),
+                               local.evaluate(vectors[:2], "validation", pair_key, 4, 4))
+        metrics = evaluator.last_metrics
+        assert (metrics["ray_calls"], metrics["ray_shards"], metrics["ray_failures"]) == (3, 6, 0)
+        assert evaluator.last_metrics["ray_calls"] == 0  # reading starts a new window
+
+    def test_smoke_run_gives_the_same_metrics_and_best_genome_as_in_process(self, smoke, tmp_path):
+        config, spec, evaluator = smoke
+        local_config = load_config(SMOKE)
+        ray_run = Run.create(config, tmp_path / "ray", lambda c, s: evaluator)
+        ray_run.run()
+        local_run = Run.create(local_config, tmp_path / "local", local_evaluator)
+        local_run.run()
+        ray_rows, local_rows = ray_run.metrics.read(), local_run.metrics.read()
+        assert len(ray_rows) == len(local_rows) == config.run.generations
+        for ray_row, local_row in zip(ray_rows, local_rows):
+            assert ray_row["ray_workers"] == 2 and ray_row["ray_failures"] == 0
+            assert set(TIMING_METRICS) <= set(ray_row)
+            for key, value in local_row.items():
+                if key not in TIMING_KEYS:
+                    assert ray_row[key] == value, key
+        ray_spec, ray_best, ray_meta = G.load(tmp_path / "ray" / "best.genome")
+        local_spec, local_best, local_meta = G.load(tmp_path / "local" / "best.genome")
+        assert ray_spec == local_spec and ray_meta["score"] == local_meta["score"]
+        for a, b in zip(jax.tree.leaves(ray_best), jax.tree.leaves(local_best)):
+            np.testing.assert_array_equal(a, b)
+        provenance = (tmp_path / "ray" / "provenance.json").read_text()
+        assert '"kind": "ray"' in provenance and '"num_workers": 2' in provenance
+
+    def test_killing_a_worker_mid_generation_loses_and_changes_nothing(self, smoke):
+        config, spec, evaluator = smoke
+        vectors = smoke_vectors(spec, 6, seed=1)
+        key = jax.random.key(21)
+        out = {}
+        # num_steps 5 is a new shape: the workers compile for seconds, so the kill lands mid-shard
+        thread = threading.Thread(target=lambda: out.update(result=evaluator.evaluate(vectors, "train", key, 3, 5)))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not evaluator.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim = evaluator.in_flight()[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        expected = LocalEvaluator(spec, config.task, config.episode).evaluate(vectors, "train", key, 3, 5)
+        thread.join(timeout=300)
+        assert_same_evaluation(out["result"], expected)
+        metrics = evaluator.last_metrics
+        assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_shards"] == 2
+        assert f"pid {victim['pid']}" in metrics["ray_failure_log"][0]
+        workers = evaluator.describe()["workers"]
+        # the dead actor was restarted by Ray (new process) and serves again
+        assert workers[victim["worker"]]["pid"] != victim["pid"]
+        assert evaluator.worker_pids()[victim["worker"]] not in (None, victim["pid"])
+        assert_same_evaluation(evaluator.evaluate(vectors, "train", key, 3, 5), expected)
+        assert evaluator.last_metrics["ray_failures"] == 0
+
+    def test_gpu_worker_without_a_usable_gpu_fails_clearly(self, head, smoke):
+        # The head advertises one (logical) GPU: half of it is granted, the actor starts with the GPU
+        # environment, and JAX there sees only the CPU.
+        config, spec, _ = smoke
+        with pytest.raises(RuntimeError, match="gpus_per_worker > 0 but JAX in the worker runs on 'cpu'"):
+            RayEvaluator(spec, config.task, config.episode, num_workers=1, gpus_per_worker=0.5, cpus_per_worker=0)
+
+
+def test_actor_options_size_xla_threads_and_gpu_memory():
+    base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=true"}
+    cpu = actor_options(1.0, 0.0, 3, base)
+    env = cpu["runtime_env"]["env_vars"]
+    assert (cpu["num_cpus"], cpu["num_gpus"], cpu["max_restarts"], cpu["max_task_retries"]) == (1.0, 0.0, 3, 0)
+    assert env["PJRT_NPROC"] == "1" and env["JAX_PLATFORMS"] == "cpu"
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1", "--xla_cpu_multi_thread_eigen=false"]
+    four = actor_options(4.0, 0.0, 3, {})["runtime_env"]["env_vars"]
+    assert four["PJRT_NPROC"] == "4" and "XLA_FLAGS" not in four
+    gpu = actor_options(1.0, 0.5, 2, base)
+    env = gpu["runtime_env"]["env_vars"]
+    assert gpu["num_gpus"] == 0.5 and "JAX_PLATFORMS" not in env
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == 0.45
+    assert float(actor_options(1.0, 2.0, 2, {})["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == 0.9
+    check_device(True, "gpu")
+    check_device(False, "cpu")
+    with pytest.raises(RuntimeError, match="jax\\[cuda12\\]"):
+        check_device(True, "cpu")
+
+
+def test_own_local_ray_all_workers_lost_then_close_leaves_no_process(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    config = load_config(SMOKE)
+    spec = network_spec(config)
+    evaluator = RayEvaluator(spec, config.task, config.episode, num_workers=2, max_restarts=0)
+    try:
+        assert evaluator.started_ray
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        assert {pid for pid in evaluator.worker_pids()} <= {p.pid for p in started}
+        assert loopback_only(started) == []
+        for pid in evaluator.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkersLostError, match="all 2 Ray workers are lost"):
+            evaluator.evaluate(smoke_vectors(spec, 4), "train", jax.random.key(0), 3, 4)
+    finally:
+        evaluator.close()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    assert alive == []
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
