@@ -46,10 +46,47 @@ def smoke_vectors(spec: G.NetworkSpec, num: int, seed: int = 0) -> np.ndarray:
     return np.asarray(jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k)))(keys), np.float64)
 
 
+def in_background(fn, *args):
+    """Run ``fn(*args)`` in a thread (the driver computes its reference meanwhile); returns a join function."""
+    out = {}
+
+    def target():
+        try:
+            out["result"] = fn(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in join
+            out["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+
+    def join():
+        thread.join(timeout=300)
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+    return join
+
+
 def assert_same_evaluation(actual, expected) -> None:
     for name, a, b in zip(expected._fields, actual, expected):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def end_processes(processes, grace_s: float = 5.0) -> list[psutil.Process]:
+    """Give ``processes`` (started by this test) ``grace_s`` to exit, then terminate and kill the stragglers
+    by pid (gcs_server and Ray's monitor may ignore SIGTERM); returns the stragglers."""
+    _, stragglers = psutil.wait_procs(processes, timeout=grace_s)
+    alive = stragglers
+    for method in ("terminate", "kill"):
+        for p in alive:
+            try:
+                getattr(p, method)()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=5)
+    return stragglers
 
 
 def loopback_only(processes) -> list[str]:
@@ -99,16 +136,10 @@ class HeadNode:
 
     def stop(self) -> list[psutil.Process]:
         """Terminate (then kill) every process of this head node; returns those still alive (none)."""
-        alive = self.processes()
-        for method in ("terminate", "kill"):
-            for p in alive:
-                try:
-                    getattr(p, method)()
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(alive, timeout=15)
+        processes = self.processes()
+        end_processes(processes, grace_s=0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return alive
+        return [p for p in processes if p.is_running()]
 
 
 @pytest.fixture(scope="class")  # torn down after TestOnExistingCluster, before the own-Ray tests
@@ -153,14 +184,20 @@ class TestOnExistingCluster:
         config, spec, evaluator = smoke
         local = LocalEvaluator(spec, config.task, config.episode)
         vectors = smoke_vectors(spec, 6)
-        key = jax.random.key(11)
+        key, pair_key = jax.random.key(11), jax.random.key(12)
+
+        def on_ray():
+            return (evaluator.evaluate(vectors, "train", key, 3, 4),
+                    evaluator.evaluate(vectors[:5], "train", key, 3, 4),  # uneven shards, the last one padded
+                    evaluator.evaluate(vectors[:2], "validation", pair_key, 4, 4))
+
+        join = in_background(on_ray)
         expected = local.evaluate(vectors, "train", key, 3, 4)
-        assert_same_evaluation(evaluator.evaluate(vectors, "train", key, 3, 4), expected)
-        # 5 rows on 2 workers: uneven shards, the last padded to the same shape
-        assert_same_evaluation(evaluator.evaluate(vectors[:5], "train", key, 3, 4), type(expected)(*(a[:5] for a in expected)))
-        pair_key = jax.random.key(12)
-        assert_same_evaluation(evaluator.evaluate(vectors[:2], "validation", pair_key, 4, 4),
-                               local.evaluate(vectors[:2], "validation", pair_key, 4, 4))
+        expected_pair = local.evaluate(vectors[:2], "validation", pair_key, 4, 4)
+        full, five, pair = join()
+        assert_same_evaluation(full, expected)
+        assert_same_evaluation(five, type(expected)(*(a[:5] for a in expected)))
+        assert_same_evaluation(pair, expected_pair)
         metrics = evaluator.last_metrics
         assert (metrics["ray_calls"], metrics["ray_shards"], metrics["ray_failures"]) == (3, 6, 0)
         assert evaluator.last_metrics["ray_calls"] == 0  # reading starts a new window
@@ -192,18 +229,15 @@ class TestOnExistingCluster:
         config, spec, evaluator = smoke
         vectors = smoke_vectors(spec, 6, seed=1)
         key = jax.random.key(21)
-        out = {}
         # num_steps 5 is a new shape: the workers compile for seconds, so the kill lands mid-shard
-        thread = threading.Thread(target=lambda: out.update(result=evaluator.evaluate(vectors, "train", key, 3, 5)))
-        thread.start()
+        join = in_background(evaluator.evaluate, vectors, "train", key, 3, 5)
         deadline = time.monotonic() + 60
         while not evaluator.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
         victim = evaluator.in_flight()[0]
         os.kill(victim["pid"], signal.SIGKILL)
         expected = LocalEvaluator(spec, config.task, config.episode).evaluate(vectors, "train", key, 3, 5)
-        thread.join(timeout=300)
-        assert_same_evaluation(out["result"], expected)
+        assert_same_evaluation(join(), expected)
         metrics = evaluator.last_metrics
         assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_shards"] == 2
         assert f"pid {victim['pid']}" in metrics["ray_failure_log"][0]
@@ -242,12 +276,63 @@ def test_actor_options_size_xla_threads_and_gpu_memory():
         check_device(True, "cpu")
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # Ray forks to exec its daemons at once
+def test_losing_a_node_mid_generation_reruns_its_shards_elsewhere(monkeypatch):
+    import ray
+    from ray._common.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Cluster points /tmp/ray/ray_current_cluster (shared by every local Ray user) at itself and deletes it
+    # at shutdown: keep whatever another cluster wrote there.
+    address_file = Path(get_ray_address_file(None))
+    saved = address_file.read_bytes() if address_file.exists() else None
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    config = load_config(SMOKE)
+    spec = network_spec(config)
+    vectors, key = smoke_vectors(spec, 6, seed=2), jax.random.key(31)
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args={"num_cpus": 1})
+    cluster_address = cluster.address
+    evaluator = None
+    try:
+        doomed = cluster.add_node(num_cpus=1)
+        cluster.connect()
+        evaluator = RayEvaluator(spec, config.task, config.episode, num_workers=2)  # one per node: 1 CPU each
+        nodes = {w["node_id"] for w in evaluator.describe()["workers"]}
+        assert nodes == {cluster.head_node.node_id, doomed.node_id}
+        join = in_background(evaluator.evaluate, vectors, "train", key, 3, 4)
+        deadline = time.monotonic() + 60
+        while len(evaluator.in_flight()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cluster.remove_node(doomed, allow_graceful=False)  # mid-compile: its shard is in flight
+        expected = LocalEvaluator(spec, config.task, config.episode).evaluate(vectors, "train", key, 3, 4)
+        assert_same_evaluation(join(), expected)
+        metrics = evaluator.last_metrics
+        assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_workers"] == 1
+    finally:
+        cleanup = [ray.shutdown, cluster.shutdown]
+        if evaluator is not None:
+            cleanup.insert(0, evaluator.close)  # kills its actors; the test started (and stops) this Ray
+        for step in cleanup:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - the processes are reaped below whatever happened
+                pass
+        if saved is not None:
+            address_file.write_bytes(saved)
+        elif address_file.exists() and address_file.read_text().strip() == cluster_address:
+            address_file.unlink()
+        leftover = end_processes([p for p in psutil.Process().children(recursive=True) if p.pid not in before])
+    assert leftover == []
+
+
 def test_own_local_ray_all_workers_lost_then_close_leaves_no_process(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     config = load_config(SMOKE)
     spec = network_spec(config)
     evaluator = RayEvaluator(spec, config.task, config.episode, num_workers=2, max_restarts=0)
+    started = []
     try:
         assert evaluator.started_ray
         started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
@@ -259,6 +344,6 @@ def test_own_local_ray_all_workers_lost_then_close_leaves_no_process(monkeypatch
             evaluator.evaluate(smoke_vectors(spec, 4), "train", jax.random.key(0), 3, 4)
     finally:
         evaluator.close()
-    _, alive = psutil.wait_procs(started, timeout=5)
-    assert alive == []
+        leftover = end_processes(started, grace_s=0)  # close() has waited for them: any left is a leak
+    assert started and leftover == []
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
