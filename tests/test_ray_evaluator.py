@@ -29,7 +29,7 @@ import genome as G
 from evolution.config import load_config
 from evolution.run import TIMING_KEYS, Run, local_evaluator, network_spec
 from workers.evaluator import LocalEvaluator
-from workers.ray import TIMING_METRICS, RayEvaluator, WorkersLostError, actor_options, check_device
+from workers.ray import TIMING_METRICS, RayEvaluator, WorkersLostError, actor_options, check_device, connection_mode
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -256,13 +256,22 @@ class TestOnExistingCluster:
             RayEvaluator(spec, config.task, config.episode, num_workers=1, gpus_per_worker=0.5, cpus_per_worker=0)
 
 
+def test_connection_mode_starts_only_without_any_address():
+    assert connection_mode(None, {}, initialized=False) == "start"
+    assert connection_mode(None, {"RAY_ADDRESS": "10.0.0.1:6379"}, initialized=False) == "connect"  # ray job submit
+    assert connection_mode("auto", {}, initialized=False) == "connect"
+    assert connection_mode("127.0.0.1:6379", {}, initialized=False) == "connect"
+    assert connection_mode(None, {}, initialized=True) == "reuse"
+
+
 def test_actor_options_size_xla_threads_and_gpu_memory():
     base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=true"}
     cpu = actor_options(1.0, 0.0, 3, base)
     env = cpu["runtime_env"]["env_vars"]
     assert (cpu["num_cpus"], cpu["num_gpus"], cpu["max_restarts"], cpu["max_task_retries"]) == (1.0, 0.0, 3, 0)
     assert env["PJRT_NPROC"] == "1" and env["JAX_PLATFORMS"] == "cpu"
-    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1", "--xla_cpu_multi_thread_eigen=false"]
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=1",
+                                        "--xla_cpu_multi_thread_eigen=false"]  # replaced, not repeated
     four = actor_options(4.0, 0.0, 3, {})["runtime_env"]["env_vars"]
     assert four["PJRT_NPROC"] == "4" and "XLA_FLAGS" not in four
     gpu = actor_options(1.0, 0.5, 2, base)

@@ -45,7 +45,8 @@ from workers.engine import EpisodeConfig
 from workers.evaluator import Evaluation, LocalEvaluator
 from workers.tasks import TaskConfig
 
-__all__ = ["TIMING_METRICS", "RayEvaluator", "WorkersLostError", "actor_options", "bench_ray"]
+__all__ = ["TIMING_METRICS", "RayEvaluator", "WorkersLostError", "actor_options", "bench_ray", "check_device",
+           "connection_mode"]
 
 # metrics keys whose values are timings (excluded when comparing runs)
 TIMING_METRICS = ("ray_eval_time", "ray_dispatch_time", "ray_overhead_time", "ray_worker_episodes_per_s")
@@ -102,6 +103,15 @@ def actor_options(cpus_per_worker: float, gpus_per_worker: float, max_restarts: 
     }
 
 
+def connection_mode(address: str | None, environ: Mapping[str, str], initialized: bool) -> str:
+    """How an evaluator gets its Ray: ``"reuse"`` the one this process is connected to, ``"start"`` a local
+    Ray of its own (no address, no ``RAY_ADDRESS``), or ``"connect"`` to ``address`` / ``"auto"`` / the
+    ``RAY_ADDRESS`` that ``ray job submit`` sets for its entrypoint."""
+    if initialized:
+        return "reuse"
+    return "start" if address is None and not environ.get("RAY_ADDRESS") else "connect"
+
+
 def check_device(require_gpu: bool, backend: str) -> None:
     """A GPU worker whose JAX sees no GPU is a configuration error, not a silent CPU run."""
     if require_gpu and backend not in ("gpu", "cuda", "rocm"):
@@ -133,9 +143,9 @@ class _Worker:
         self._evaluator.family("train")  # load the data now: a bad dataset path fails at startup
 
     def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id(),
-                "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-                "threads": os.environ.get("PJRT_NPROC")}
+        return {"pid": os.getpid(), "hostname": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id(), "backend": jax.default_backend(),
+                "device": str(jax.devices()[0]), "threads": os.environ.get("PJRT_NPROC")}
 
     def evaluate(self, vectors: np.ndarray, split: str, key_data: np.ndarray, key_impl: str | None,
                  num_tasks: int, num_steps: int) -> tuple[tuple[np.ndarray, ...], float]:
@@ -155,7 +165,8 @@ class _Slot:
     handle: Any
     state: str = "starting"  # starting | alive | suspect (died, may be restarting) | dead
     info: dict = field(default_factory=dict)
-    restarts: int = 0
+    restarts: int = 0  # restarts seen (the actor answered again)
+    deaths: int = 0  # failures seen; beyond max_restarts Ray does not restart it
     busy_seconds: float = 0.0  # in the current metrics window
     episodes: int = 0
 
@@ -233,6 +244,7 @@ class RayEvaluator:
         self._lock = threading.Lock()
         self._in_flight: dict[int, _Slot] = {}
         self._probes: dict[Any, _Slot] = {}  # info() calls to actors that died: answered once restarted
+        self._last_death = ""
         self._window = _Window()
         self._closed = False
         self._slots: list[_Slot] = []
@@ -257,20 +269,19 @@ class RayEvaluator:
 
     # ------------------------------------------------------------------------------------ cluster
     def _init_ray(self, address: str | None) -> str:
-        """Use, start or connect to Ray; returns the cluster address."""
-        if ray.is_initialized():
-            return ray.get_runtime_context().gcs_address
-        if address is None and not os.environ.get("RAY_ADDRESS"):
+        """Use, start or connect to Ray (see :func:`connection_mode`); returns the cluster address."""
+        mode = connection_mode(address, os.environ, ray.is_initialized())
+        if mode == "start":
             self._owned_processes = _start_local_ray(math.ceil(self.num_workers * self.cpus_per_worker),
                                                      self.gpus_per_worker > 0)
             self.started_ray = self.connected = True
             gpus = ray.cluster_resources().get("GPU", 0.0)
             if self.gpus_per_worker > 0 and gpus < self.gpus_per_worker:
                 raise RuntimeError(f"gpus_per_worker={self.gpus_per_worker:g} but this machine has {gpus:g} GPUs")
-            return ray.get_runtime_context().gcs_address
-        _enable_token_auth_if_available()
-        ray.init(address=address)  # None: RAY_ADDRESS (inside `ray job submit`)
-        self.connected = True
+        elif mode == "connect":
+            _enable_token_auth_if_available()
+            ray.init(address=address)  # None: RAY_ADDRESS
+            self.connected = True
         return ray.get_runtime_context().gcs_address
 
     def _await_startup(self, timeout_s: float) -> None:
@@ -321,7 +332,8 @@ class RayEvaluator:
         self._poll_probes(timeout=0)
         usable = [s for s in self._slots if s.state == "alive"] or [s for s in self._slots if s.state == "suspect"]
         if not usable:
-            raise WorkersLostError(f"all {self.num_workers} Ray workers are lost (restarts exhausted or nodes gone)")
+            raise WorkersLostError(f"all {self.num_workers} Ray workers are lost (restarts exhausted or nodes "
+                                   f"gone); last: {self._last_death}")
         call = _Call(np.asarray(vectors), (split, *_key_message(task_key), int(num_tasks), int(num_steps)),
                      len(usable))
         try:
@@ -358,7 +370,7 @@ class RayEvaluator:
                 if not self._probes:
                     raise WorkersLostError(
                         f"all {self.num_workers} Ray workers are lost (restarts exhausted or nodes gone); "
-                        f"{len(call.waiting)} of {call.num_shards} shard(s) not evaluated")
+                        f"{len(call.waiting)} of {call.num_shards} shard(s) not evaluated; last: {self._last_death}")
                 probe_deadline = probe_deadline or time.perf_counter() + self.restart_timeout_s
                 if time.perf_counter() > probe_deadline:
                     raise WorkersLostError(f"no Ray worker came back within {self.restart_timeout_s:.0f}s")
@@ -382,15 +394,12 @@ class RayEvaluator:
         try:
             arrays, seconds = ray.get(ref)
         except _RETRYABLE as error:
-            if isinstance(error, ray_errors.RayActorError) and error.actor_init_failed:
-                raise RuntimeError(f"Ray worker {slot.index} failed to restart: {error}") from None
             self._window.failures += 1
             self._window.failure_log.append(
                 f"worker {slot.index} (pid {slot.info.get('pid')}, node {str(slot.info.get('node_id'))[:12]}): "
                 f"shard {shard} attempt {call.attempts[shard]}: {type(error).__name__}")
             if slot.state == "alive":
-                slot.state = "suspect"
-                self._probes[slot.handle.info.remote()] = slot  # answers once restarted; fails if dead for good
+                self._lost(slot, error)
             if call.attempts[shard] > self.max_retries:
                 raise WorkersLostError(f"shard {shard} failed {call.attempts[shard]} times "
                                        f"(evaluator.max_retries={self.max_retries})") from error
@@ -417,14 +426,24 @@ class RayEvaluator:
             self._probes[slot.handle.info.remote()] = slot  # temporarily unreachable: ask again
             return
         except _RETRYABLE as error:
-            if isinstance(error, ray_errors.RayActorError) and error.actor_init_failed:
-                raise RuntimeError(f"Ray worker {slot.index} failed to restart: {error}") from None
-            slot.state = "dead"
-            self._window.failure_log.append(f"worker {slot.index} is dead: {type(error).__name__}")
+            self._lost(slot, error)
             return
         slot.info, slot.state = info, "alive"
         slot.restarts += 1
         self._window.restarts += 1
+
+    def _lost(self, slot: _Slot, error: Exception) -> None:
+        """``slot``'s actor died: wait for Ray to restart it (a probe answers then) unless it cannot."""
+        slot.deaths += 1
+        init_failed = isinstance(error, ray_errors.RayActorError) and error.actor_init_failed
+        if init_failed or slot.deaths > self.max_restarts:
+            slot.state = "dead"
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self._last_death = f"worker {slot.index}: {reason}"
+            self._window.failure_log.append(f"worker {slot.index} is dead ({reason})")
+            return
+        slot.state = "suspect"
+        self._probes[slot.handle.info.remote()] = slot
 
     # ------------------------------------------------------------------------------------ metrics
     def pop_metrics(self) -> dict[str, Any]:
@@ -521,7 +540,8 @@ def _enable_token_auth_if_available() -> None:
     if os.environ.get("RAY_AUTH_MODE"):
         return
     path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if os.environ.get("RAY_AUTH_TOKEN") or (path and Path(path).is_file()) or (Path.home() / ".ray" / "auth_token").is_file():
+    token_files = [Path(path)] if path else [Path.home() / ".ray" / "auth_token"]
+    if os.environ.get("RAY_AUTH_TOKEN") or any(f.is_file() for f in token_files):
         os.environ["RAY_AUTH_MODE"] = "token"
         try:  # refresh Ray's cached config so this process sees the mode (as `ray start` does)
             from ray._raylet import Config
@@ -541,8 +561,11 @@ def bench_ray(spec: G.NetworkSpec, task_config: TaskConfig, episode_config: Epis
     """Throughput of Ray with 1, 2, ... workers vs the in-process evaluator on the same work.
 
     Each configuration is warmed up (compiled) by one call, then timed over ``repeats`` calls with new task
-    keys. Returns episodes/s and inner steps/s, speed-ups, per-core efficiency and the driver overhead share
-    (wall time of a call not covered by the busiest worker's compute).
+    keys. Per pool size: episodes/s and inner steps/s, ``speedup_vs_in_process``, ``per_core_efficiency``
+    (episodes/s per worker CPU over in-process episodes/s per core of this machine), ``overhead_share`` (the
+    part of a call's wall time not covered by the busiest worker's compute: scheduling, transfer, driver) and
+    ``dispatch_share`` (driver time outside waiting). A local Ray is started for the whole benchmark unless
+    this process is connected or ``address`` is given.
     """
     num_steps = episode_config.num_steps if num_steps is None else num_steps
     vectors = np.asarray(jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k)))(
@@ -564,18 +587,19 @@ def bench_ray(spec: G.NetworkSpec, task_config: TaskConfig, episode_config: Epis
     report: dict[str, Any] = {
         "population_size": population_size, "num_tasks": num_tasks, "num_steps": num_steps, "repeats": repeats,
         "cpu_count": cpu_count, "cpus_per_worker": cpus_per_worker,
-        "in_process": {"seconds_per_call": seconds, "episodes_per_s": episodes / seconds,
-                       "inner_steps_per_s": episodes * num_steps / seconds},
+        "in_process": {"backend": jax.default_backend(), "seconds_per_call": seconds,
+                       "episodes_per_s": episodes / seconds, "inner_steps_per_s": episodes * num_steps / seconds},
         "ray": {},
     }
     base = report["in_process"]["episodes_per_s"]
-    started: list[psutil.Process] | None = None
-    if not ray.is_initialized() and address is None and not os.environ.get("RAY_ADDRESS"):
-        started = _start_local_ray(math.ceil(max(num_workers_list) * cpus_per_worker), False)  # one for all
+    mode = connection_mode(address, os.environ, ray.is_initialized())  # one Ray for every pool size
+    started = _start_local_ray(math.ceil(max(num_workers_list) * cpus_per_worker), False) if mode == "start" else []
+    if mode == "connect":
+        _enable_token_auth_if_available()
+        ray.init(address=address)
     try:
         for n in num_workers_list:
-            evaluator = RayEvaluator(spec, task_config, episode_config, num_workers=n,
-                                     cpus_per_worker=cpus_per_worker, address=address)
+            evaluator = RayEvaluator(spec, task_config, episode_config, num_workers=n, cpus_per_worker=cpus_per_worker)
             try:
                 seconds = measure(evaluator)
                 metrics = evaluator.pop_metrics()
@@ -590,8 +614,10 @@ def bench_ray(spec: G.NetworkSpec, task_config: TaskConfig, episode_config: Epis
                 "dispatch_share": metrics["ray_dispatch_time"] / metrics["ray_eval_time"],
             }
     finally:
-        if started is not None:
+        if mode == "start":
             _shutdown_local_ray(started)
+        elif mode == "connect":
+            ray.shutdown()
     first = report["ray"][str(min(num_workers_list))]
     for row in report["ray"].values():
         row["scaling_vs_fewest_workers"] = row["episodes_per_s"] / first["episodes_per_s"]
