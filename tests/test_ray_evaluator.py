@@ -125,7 +125,7 @@ class HeadNode:
     def processes(self) -> list[psutil.Process]:
         markers = (self.temp_dir, self.address)
         for p in psutil.process_iter(["cmdline"]):
-            if any(m in arg for arg in (p.info["cmdline"] or []) for m in markers):
+            if p.pid != os.getpid() and any(m in arg for arg in (p.info["cmdline"] or []) for m in markers):
                 self.seen[p.pid] = p
         for p in list(self.seen.values()):
             try:

@@ -22,6 +22,7 @@ nodes need this package installed in the same environment.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import socket
@@ -57,6 +58,9 @@ _RETRYABLE = (ray_errors.RayActorError, ray_errors.WorkerCrashedError, ray_error
 _GPU_MEMORY_SHARE = 0.9  # of a worker's GPU share that JAX may allocate
 _LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # shards and results only; datasets never travel
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local Ray on 127.0.0.1 only
+
+
+_log = logging.getLogger(__name__)
 
 
 class WorkersLostError(RuntimeError):
@@ -398,6 +402,7 @@ class RayEvaluator:
             self._window.failure_log.append(
                 f"worker {slot.index} (pid {slot.info.get('pid')}, node {str(slot.info.get('node_id'))[:12]}): "
                 f"shard {shard} attempt {call.attempts[shard]}: {type(error).__name__}")
+            _log.warning("Ray %s; re-running the shard", self._window.failure_log[-1])
             if slot.state == "alive":
                 self._lost(slot, error)
             if call.attempts[shard] > self.max_retries:
@@ -441,6 +446,7 @@ class RayEvaluator:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             self._last_death = f"worker {slot.index}: {reason}"
             self._window.failure_log.append(f"worker {slot.index} is dead ({reason})")
+            _log.warning("Ray worker %d is dead: %s", slot.index, reason)
             return
         slot.state = "suspect"
         self._probes[slot.handle.info.remote()] = slot
