@@ -1,0 +1,389 @@
+"""Gradient-based outer loops (DESIGN §5): one meta-loss and its meta-gradient estimators.
+
+The meta-loss is a function of the **flat genome vector** (the ES-scaled parameterization of
+:mod:`genome.params` that the strategies see), so evolution and gradient descent search the same space and
+an optax optimizer on the vector sees well-scaled coordinates (``η̃`` lives on a ``sinh`` scale)::
+
+    meta_loss(v) = mean over tasks k of CE_query(k, synapses after T inner rule steps of unravel(v))
+
+It equals the mean raw ``cross_entropy`` of :func:`workers.engine.episode` (same initial synapses, same
+support batches, same ``skip_last_update``); the tests pin the two together.
+
+Estimators share one pure, jitted interface::
+
+    state = init_state(spec, tasks, synapse_keys, estimator)            # fresh synapses, step 0
+    est = estimate(spec, vector, tasks, state, key, episode, estimator)  # -> Estimate(loss, grad, state, ...)
+
+and ``done(state, episode)`` says when the current unroll is finished (the outer loop then samples new
+tasks). The estimators (``EstimatorConfig.name``):
+
+* ``full``: ``jax.grad`` through the whole ``lax.scan`` unroll; memory grows with T. ``remat`` trades
+  compute for memory: ``step`` (``jax.checkpoint`` of every step: one synapse state stored per step) or
+  ``sqrt`` (checkpointed segments of ~√T steps: O(√T) states stored).
+* ``truncated``: windows of ``truncation`` steps; the synapse state is carried across meta-steps and
+  treated as a constant at the window start; the loss is the query CE at the window end. With
+  ``truncation = T`` this is ``full``.
+* ``pes``: Persistent Evolution Strategies (Vicol et al. 2021), antithetic pairs with perturbations
+  accumulated across the truncations of an unroll. The estimate of window w is unbiased for the gradient
+  (of the Gaussian-smoothed loss) of the query CE after the first ``t_w`` inner steps, as a function of
+  the genome used in *all* of those steps — in particular, the last window's estimate is unbiased for
+  the meta-loss itself.
+* ``evograd``: the EvoGrad-style hypergradient (Bohdal et al. 2021) adapted to a learning rule; see
+  :func:`evograd_objective`. First order and online: memory is constant in T.
+
+Online estimators (truncated, PES, EvoGrad) take one meta-step per window, so the outer loop descends
+the sum of the window-end losses, whose last term is the meta-loss at T (the short-horizon bias of
+truncated and one-step methods comes from ignoring how earlier steps shape later losses).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import genome as G
+from evolution.evograd import softmax_merge
+from workers.engine import EpisodeConfig, query_scores
+from workers.task_types import Task
+
+ESTIMATORS = ("full", "truncated", "pes", "evograd")
+REMAT_MODES = ("none", "step", "sqrt")
+EVOGRAD_ADVANCE = ("rule", "merged")
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """Static estimator settings (a ``jit`` static argument).
+
+    name: ``full`` | ``truncated`` | ``pes`` | ``evograd``.
+    truncation: inner steps per meta-step for the online estimators (truncated, PES, EvoGrad).
+    remat: rematerialization of backprop through the unroll (full, truncated): none | step | sqrt.
+    pes_sigma: std of the PES perturbations, in flat-vector units.
+    pes_pairs: antithetic pairs per estimate.
+    evograd_candidates: K candidate next states (EvoGrad default 2).
+    evograd_temperature: τ of the softmax over candidate train losses (EvoGrad default 0.05).
+    evograd_noise: std of Gaussian noise added to the synapses of each candidate before its rule step.
+    evograd_advance: how the network moves on: ``rule`` (one plain rule step on support batch t, exactly
+      the inner loop that is meta-tested) or ``merged`` (the softmax-merged candidate state).
+    """
+
+    name: str = "full"
+    truncation: int = 10
+    remat: str = "none"
+    pes_sigma: float = 0.01
+    pes_pairs: int = 8
+    evograd_candidates: int = 2
+    evograd_temperature: float = 0.05
+    evograd_noise: float = 0.0
+    evograd_advance: str = "rule"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("name", self.name in ESTIMATORS, f"must be one of {', '.join(ESTIMATORS)}"),
+            ("remat", self.remat in REMAT_MODES, f"must be one of {', '.join(REMAT_MODES)}"),
+            ("evograd_advance", self.evograd_advance in EVOGRAD_ADVANCE, "must be 'rule' or 'merged'"),
+            ("truncation", self.truncation >= 1, "must be >= 1"),
+            ("pes_sigma", self.pes_sigma > 0, "must be > 0"),
+            ("pes_pairs", self.pes_pairs >= 1, "must be >= 1"),
+            ("evograd_candidates", self.evograd_candidates >= 1, "must be >= 1"),
+            ("evograd_temperature", self.evograd_temperature > 0, "must be > 0"),
+            ("evograd_noise", self.evograd_noise >= 0, "must be >= 0"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise ValueError(f"estimator.{name} {message}, got {getattr(self, name)!r}")
+
+
+class UnrollState(NamedTuple):
+    """Inner-loop state carried across meta-steps.
+
+    synapses: per task ``[K, ...]``; for PES ``[2P, K, ...]`` (rows ``:P`` the +ε runs, ``P:`` the −ε runs).
+    step: inner steps done in the current unroll (int32 scalar).
+    perturbation: PES accumulated perturbations ``[P, D]`` (``[0, D]`` otherwise).
+    """
+
+    synapses: G.Synapses
+    step: jax.Array
+    perturbation: jax.Array
+
+
+class Estimate(NamedTuple):
+    loss: jax.Array  # the estimator's own objective (meta-loss, window-end loss, or merged validation loss)
+    grad: jax.Array  # [D] meta-gradient estimate with respect to the flat genome vector
+    state: UnrollState
+    inner_steps: jax.Array  # rule steps computed (all networks, candidates and perturbations included)
+
+
+# ------------------------------------------------------------------------------------------ the unroll
+
+
+def num_updates(config: EpisodeConfig) -> int:
+    """Inner steps that update the synapses (T, or T-1 with ``skip_last_update``), as in the engine."""
+    return config.num_steps - 1 if config.skip_last_update and config.num_steps > 0 else config.num_steps
+
+
+def query_loss(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task) -> jax.Array:
+    """Softmax cross-entropy of state 0 of the last layer on the task's query set (one task)."""
+    return query_scores(G.predict(spec, genome, synapses, task.query_x), task.query_y)[1]
+
+
+def unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task, start, length: int,
+           stop=None, remat: str = "none") -> G.Synapses:
+    """``length`` rule steps on support batches ``start, start+1, ...`` of one task.
+
+    Steps whose index is ``>= stop`` leave the synapses unchanged (fixed-size windows at the end of an
+    unroll). ``start`` and ``stop`` may be traced. ``remat``: see the module docstring.
+    """
+
+    def body(syn, t):
+        x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
+        y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
+        new = G.step(spec, genome, syn, x, y)
+        if stop is not None:
+            new = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, syn)
+        return new, None
+
+    if length == 0:
+        return synapses
+    if remat == "none":
+        return jax.lax.scan(body, synapses, start + jnp.arange(length))[0]
+    if remat == "step":
+        return jax.lax.scan(jax.checkpoint(body), synapses, start + jnp.arange(length))[0]
+    # sqrt: checkpointed segments; only the segment boundaries are stored, a segment is recomputed on the
+    # way back. Padding steps beyond `length` are masked out.
+    segment = math.ceil(math.sqrt(length))
+    num_segments = math.ceil(length / segment)
+    if num_segments * segment != length:
+        stop = start + length if stop is None else jnp.minimum(stop, start + length)
+        return unroll(spec, genome, synapses, task, start, num_segments * segment, stop, remat)
+
+    @jax.checkpoint
+    def run_segment(syn, ts):
+        return jax.lax.scan(body, syn, ts)[0], None
+
+    times = (start + jnp.arange(length)).reshape(num_segments, segment)
+    return jax.lax.scan(run_segment, synapses, times)[0]
+
+
+def init_task_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, dtype=jnp.float32) -> G.Synapses:
+    """Fresh synapses for each task ``[K, ...]``: the engine's float32 initialization, cast to ``dtype`` (so
+    a float64 meta-loss starts from exactly the synapses that evolution's episodes start from)."""
+    per_task = [_init_float32(spec, key) for key in synapse_keys]  # one compilation whatever K is
+    return jax.tree.map(lambda *a: jnp.stack(a).astype(dtype), *per_task)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_float32(spec, key):
+    return G.init_synapses(spec, key, jnp.float32)
+
+
+def meta_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys: jax.Array,
+              config: EpisodeConfig, remat: str = "none") -> jax.Array:
+    """THE meta-loss: query cross-entropy after the episode's inner steps, averaged over the task batch.
+
+    ``vector``: flat genome ``[D]``; ``tasks``: batch with leading axis K; ``synapse_keys [K]``. Computed in
+    ``vector.dtype`` (float64 under ``jax.enable_x64`` for finite differences). Equals the mean of
+    ``engine.episode(...).cross_entropy``.
+    """
+    synapses = init_task_synapses(spec, synapse_keys, vector.dtype)
+    return _window_loss(spec, vector, tasks, synapses, 0, num_updates(config), None, remat)[0]
+
+
+def _window_loss(spec, vector, tasks, synapses, start, length, stop, remat):
+    """Mean query loss over tasks after ``length`` steps from ``synapses``; returns (loss, end synapses)."""
+    genome = G.unravel(spec, vector)
+
+    def one(task, syn):
+        syn = unroll(spec, genome, syn, task, start, length, stop, remat)
+        return query_loss(spec, genome, syn, task), syn
+
+    losses, end = jax.vmap(one)(tasks, synapses)
+    return jnp.mean(losses), end
+
+
+# ------------------------------------------------------------------------------------------ estimators
+
+
+def init_state(spec: G.NetworkSpec, tasks: Task, synapse_keys: jax.Array, estimator: EstimatorConfig,
+               dtype=jnp.float32) -> UnrollState:
+    """The state at the start of an unroll on ``tasks``: fresh synapses (shared by PES perturbations)."""
+    del tasks  # the unroll's tasks are passed to every estimate; kept in the signature for symmetry
+    synapses = init_task_synapses(spec, synapse_keys, dtype)
+    pairs = estimator.pes_pairs if estimator.name == "pes" else 0
+    if pairs:
+        synapses = jax.tree.map(lambda a: jnp.broadcast_to(a, (2 * pairs,) + a.shape), synapses)
+    return UnrollState(synapses, jnp.zeros((), jnp.int32), jnp.zeros((pairs, G.num_dims(spec)), dtype))
+
+
+def done(state: UnrollState, config: EpisodeConfig) -> bool:
+    """Whether the current unroll has consumed all its inner steps (then sample new tasks)."""
+    return int(state.step) >= num_updates(config)
+
+
+def _full(spec, vector, tasks, state, config, estimator):
+    steps = num_updates(config)
+    (loss, end), grad = jax.value_and_grad(_window_loss, argnums=1, has_aux=True)(
+        spec, vector, tasks, state.synapses, 0, steps, None, estimator.remat)
+    new_state = UnrollState(end, jnp.asarray(steps, jnp.int32), state.perturbation)
+    return Estimate(loss, grad, new_state, jnp.asarray(steps * _num_tasks(tasks)))
+
+
+def _truncated(spec, vector, tasks, state, config, estimator):
+    steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
+    (loss, end), grad = jax.value_and_grad(_window_loss, argnums=1, has_aux=True)(
+        spec, vector, tasks, state.synapses, state.step, window, steps, estimator.remat)
+    new_step = jnp.minimum(state.step + window, steps)
+    return Estimate(loss, grad, UnrollState(end, new_step, state.perturbation),
+                    (new_step - state.step) * _num_tasks(tasks))
+
+
+def _pes(spec, vector, tasks, state, key, config, estimator):
+    steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
+    pairs, sigma = estimator.pes_pairs, estimator.pes_sigma
+    noise = sigma * jax.random.normal(key, (pairs, vector.shape[0]), vector.dtype)
+    accumulated = state.perturbation + noise  # PES: perturbations accumulate across truncations
+    thetas = jnp.concatenate([vector[None] + noise, vector[None] - noise])  # antithetic pairs
+    window_loss = functools.partial(_window_loss, spec, start=state.step, length=window, stop=steps, remat="none")
+    losses, end = jax.vmap(lambda theta, syn: window_loss(theta, tasks, syn))(thetas, state.synapses)
+    difference = losses[:pairs] - losses[pairs:]
+    grad = jnp.einsum("p,pd->d", difference, accumulated) / (2.0 * pairs * sigma**2)
+    new_step = jnp.minimum(state.step + window, steps)
+    return Estimate(jnp.mean(losses), grad, UnrollState(end, new_step, accumulated),
+                    (new_step - state.step) * _num_tasks(tasks) * 2 * pairs)
+
+
+def evograd_objective(spec: G.NetworkSpec, vector: jax.Array, synapses: G.Synapses, task: Task, t, key: jax.Array,
+                      estimator: EstimatorConfig):
+    """EvoGrad-style first-order objective of one task at inner step ``t`` (synapses are constants).
+
+    K candidates ``S_k = step(θ, S_t + noise_k, support[(t + k) mod T])``; train losses ``ℓ_k`` = CE of each
+    candidate on support batch ``(t + K) mod T`` (a batch no candidate learned from); weights
+    ``w = softmax(-ℓ/τ)``; merged state ``S* = Σ_k w_k S_k``; objective = query CE of ``S*``. Its gradient
+    reaches the genome through the candidates' rule steps, the weights and the read-out.
+    Returns (objective, (merged synapses, weights)).
+    """
+    genome = G.unravel(spec, vector)
+    num_batches = task.support_x.shape[0]
+    num_candidates = estimator.evograd_candidates
+
+    def candidate(k, noise_key):
+        index = (t + k) % num_batches
+        x = jax.lax.dynamic_index_in_dim(task.support_x, index, keepdims=False)
+        y = jax.lax.dynamic_index_in_dim(task.support_y, index, keepdims=False)
+        start = synapses
+        if estimator.evograd_noise > 0:
+            leaves, treedef = jax.tree.flatten(synapses)
+            noise_keys = jax.random.split(noise_key, len(leaves))
+            start = jax.tree.unflatten(treedef, [
+                a + estimator.evograd_noise * jax.random.normal(nk, a.shape, a.dtype) for a, nk in zip(leaves, noise_keys)
+            ])
+        return G.step(spec, genome, start, x, y)
+
+    candidates = jax.vmap(candidate)(jnp.arange(num_candidates), jax.random.split(key, num_candidates))
+    train_index = (t + num_candidates) % num_batches
+    x = jax.lax.dynamic_index_in_dim(task.support_x, train_index, keepdims=False)
+    y = jax.lax.dynamic_index_in_dim(task.support_y, train_index, keepdims=False)
+    train_losses = jax.vmap(lambda syn: query_scores(G.predict(spec, genome, syn, x), y)[1])(candidates)
+    merged, weights = softmax_merge(candidates, train_losses, estimator.evograd_temperature)
+    return query_loss(spec, genome, merged, task), (merged, weights)
+
+
+def _evograd(spec, vector, tasks, state, key, config, estimator):
+    steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
+    num_tasks = _num_tasks(tasks)
+    objective = jax.value_and_grad(evograd_objective, argnums=1, has_aux=True)
+
+    def one_task(task, syn, t, task_key):
+        (value, (merged, _)), grad = objective(spec, vector, syn, task, t, task_key, estimator)
+        if estimator.evograd_advance == "merged":
+            nxt = merged
+        else:
+            x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
+            y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
+            nxt = G.step(spec, G.unravel(spec, vector), syn, x, y)
+        return value, grad, jax.lax.stop_gradient(nxt)
+
+    def body(carry, i):
+        syn, total_loss, total_grad = carry
+        t = state.step + i
+        active = t < steps
+        task_keys = jax.random.split(jax.random.fold_in(key, i), num_tasks)
+        values, grads, nxt = jax.vmap(one_task, (0, 0, None, 0))(tasks, syn, t, task_keys)
+        syn = jax.tree.map(lambda n, o: jnp.where(active, n, o), nxt, syn)
+        total_loss = total_loss + jnp.where(active, jnp.mean(values), 0.0)
+        total_grad = total_grad + jnp.where(active, jnp.mean(grads, axis=0), 0.0)
+        return (syn, total_loss, total_grad), None
+
+    zero = jnp.zeros((), vector.dtype)
+    (end, total_loss, total_grad), _ = jax.lax.scan(
+        body, (state.synapses, zero, jnp.zeros_like(vector)), jnp.arange(window))
+    new_step = jnp.minimum(state.step + window, steps)
+    count = jnp.maximum(new_step - state.step, 1).astype(vector.dtype)
+    per_step = estimator.evograd_candidates + (1 if estimator.evograd_advance == "rule" else 0)
+    return Estimate(total_loss / count, total_grad / count, UnrollState(end, new_step, state.perturbation),
+                    (new_step - state.step) * num_tasks * per_step)
+
+
+def _num_tasks(tasks: Task) -> int:
+    return tasks.query_y.shape[0]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config", "estimator"))
+def estimate(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, state: UnrollState, key: jax.Array,
+             config: EpisodeConfig, estimator: EstimatorConfig) -> Estimate:
+    """One meta-gradient estimate of ``estimator`` at ``vector`` on the current unroll (jitted).
+
+    ``tasks``: the unroll's task batch (leading axis K, T = ``config.num_steps`` support batches);
+    ``state``: from :func:`init_state` or the previous estimate; ``key``: fresh randomness (PES noise,
+    EvoGrad candidate noise); ignored by ``full`` and ``truncated``.
+    """
+    if tasks.support_x.shape[1] < config.num_steps:
+        raise ValueError(f"tasks have {tasks.support_x.shape[1]} support batches, the episode needs {config.num_steps}")
+    if estimator.name == "full":
+        return _full(spec, vector, tasks, state, config, estimator)
+    if estimator.name == "truncated":
+        return _truncated(spec, vector, tasks, state, config, estimator)
+    if estimator.name == "pes":
+        return _pes(spec, vector, tasks, state, key, config, estimator)
+    return _evograd(spec, vector, tasks, state, key, config, estimator)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def memory_from_stats(stats) -> dict[str, int]:
+    """Bytes from XLA's ``CompiledMemoryStats``: ``temp`` is the scratch memory a computation needs beyond
+    its inputs and outputs (what grows with T when backpropagating through an unroll); ``peak`` =
+    arguments + outputs + temp − aliased. -1 everywhere when the backend does not report."""
+    if stats is None:
+        return {"temp": -1, "argument": -1, "output": -1, "peak": -1}
+    temp, argument, output = stats.temp_size_in_bytes, stats.argument_size_in_bytes, stats.output_size_in_bytes
+    alias = getattr(stats, "alias_size_in_bytes", 0)
+    return {"temp": int(temp), "argument": int(argument), "output": int(output),
+            "peak": int(argument + output + temp - alias)}
+
+
+def compiled_memory(jitted_fn, *args, compiler_options: dict | None = None, **kwargs) -> dict[str, int]:
+    """:func:`memory_from_stats` of ``jitted_fn`` compiled for ``(*args, **kwargs)`` (compiles, never runs).
+
+    ``compiler_options`` go to XLA, e.g. ``{"xla_backend_optimization_level": 0}`` for a faster compile:
+    the backend (LLVM) optimization level does not change XLA's buffer assignment, so the numbers are the
+    same.
+    """
+    lowered = jitted_fn.lower(*args, **kwargs)
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+    return memory_from_stats(compiled.memory_analysis())
+
+
+def estimator_memory(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys: jax.Array,
+                     config: EpisodeConfig, estimator: EstimatorConfig,
+                     compiler_options: dict | None = None) -> dict[str, int]:
+    """:func:`compiled_memory` of :func:`estimate` for this (spec, tasks shape, episode, estimator)."""
+    state = init_state(spec, tasks, synapse_keys, estimator, vector.dtype)
+    return compiled_memory(estimate, spec, vector, tasks, state, jax.random.key(0), config=config,
+                           estimator=estimator, compiler_options=compiler_options)
