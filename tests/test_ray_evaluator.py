@@ -277,8 +277,10 @@ def test_actor_options_size_xla_threads_and_gpu_memory():
     gpu = actor_options(1.0, 0.5, 2, base)
     env = gpu["runtime_env"]["env_vars"]
     assert gpu["num_gpus"] == 0.5 and "JAX_PLATFORMS" not in env
-    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == 0.45
-    assert float(actor_options(1.0, 2.0, 2, {})["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == 0.9
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and float(env["XLA_CLIENT_MEM_FRACTION"]) == 0.45
+    assert float(actor_options(1.0, 2.0, 2, {})["runtime_env"]["env_vars"]["XLA_CLIENT_MEM_FRACTION"]) == 0.9
+    legacy = actor_options(1.0, 0.25, 2, {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".8"})["runtime_env"]["env_vars"]
+    assert legacy["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.225" and "XLA_CLIENT_MEM_FRACTION" not in legacy
     check_device(True, "gpu")
     check_device(False, "cpu")
     with pytest.raises(RuntimeError, match="jax\\[cuda12\\]"):

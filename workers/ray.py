@@ -82,8 +82,9 @@ def actor_options(cpus_per_worker: float, gpus_per_worker: float, max_restarts: 
 
     CPU workers: JAX on the CPU with one intra-op thread pool of ``floor(cpus_per_worker)`` threads
     (``PJRT_NPROC``; single-threaded Eigen for one CPU), so co-located actors do not oversubscribe cores.
-    GPU workers: ``num_gpus`` (fractions share a GPU), JAX allocating on demand and capped at its share of
-    the GPU's memory. ``base_env`` (default ``os.environ``) supplies the ``XLA_FLAGS`` to extend.
+    GPU workers: ``num_gpus`` (fractions share a GPU), JAX allocating on demand (no preallocation), with
+    its allocator's memory fraction set to 90% of its GPU share. ``base_env`` (default ``os.environ``)
+    supplies the ``XLA_FLAGS`` to extend.
     """
     base_env = os.environ if base_env is None else base_env
     threads = max(1, int(cpus_per_worker))
@@ -94,7 +95,10 @@ def actor_options(cpus_per_worker: float, gpus_per_worker: float, max_restarts: 
         env["XLA_FLAGS"] = flags
     if gpus_per_worker > 0:
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{_GPU_MEMORY_SHARE * min(gpus_per_worker, 1.0):.3f}"
+        # JAX refuses both names at once: override the deprecated one if the environment already uses it
+        legacy = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+        fraction = _GPU_MEMORY_SHARE * min(gpus_per_worker, 1.0)
+        env[legacy if legacy in base_env else "XLA_CLIENT_MEM_FRACTION"] = f"{fraction:.3f}"
     else:
         env["JAX_PLATFORMS"] = "cpu"
     return {
