@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from genome.io import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
 CHECKPOINT_FORMAT = "blur-evolve-checkpoint-1"
@@ -23,22 +24,6 @@ CHECKPOINT_FORMAT = "blur-evolve-checkpoint-1"
 
 class CheckpointError(ValueError):
     """A run directory has no usable checkpoint."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

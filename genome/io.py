@@ -35,6 +35,26 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON serializable")
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temporary file in the same directory, fsync, rename.
+
+    A process killed at any moment leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save(path: str | os.PathLike, spec: NetworkSpec, genome: Genome, metadata: dict | None = None) -> Path:
     """Write ``genome`` atomically (temporary file in the same directory, then rename)."""
     from safetensors.numpy import save as save_bytes
@@ -48,17 +68,7 @@ def save(path: str | os.PathLike, spec: NetworkSpec, genome: Genome, metadata: d
         "metadata": json.dumps(metadata or {}, sort_keys=True, default=_json_default),
     }
     data = save_bytes(tensors, metadata=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     return path
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import hashlib
 import importlib.metadata
 import json
 import os
 import random
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -28,6 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from genome.io import atomic_write_bytes
 
 __all__ = [
     "DatasetError",
@@ -222,17 +224,9 @@ def load_mnist1d(cache_dir: str | os.PathLike | None = None, num_samples: int = 
         random.setstate(py_state)
     result = IdxDataset(data["x"].astype(np.float32), data["y"].astype(np.int32),
                         data["x_test"].astype(np.float32), data["y_test"].astype(np.int32))
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **result._asdict())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, cache_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **result._asdict())
+    atomic_write_bytes(cache_path, buffer.getvalue())
     return result
 
 
