@@ -48,6 +48,7 @@ class OuterLoopConfig:
     max_inner_steps, max_wall_time: budget limits (None: unlimited); checked after every meta-step.
     curriculum_every, curriculum_increment, curriculum_max_steps: unroll curriculum (every=0: off).
     validate_every: meta-steps between calls of ``validate_fn`` (0: only at the end).
+    validate_every_inner_steps: also call it whenever the inner steps consumed cross a multiple of this.
     """
 
     estimator: GR.EstimatorConfig = field(default_factory=GR.EstimatorConfig)
@@ -61,6 +62,7 @@ class OuterLoopConfig:
     curriculum_increment: int = 5
     curriculum_max_steps: int | None = None
     validate_every: int = 0
+    validate_every_inner_steps: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,6 +70,7 @@ class OuterLoopConfig:
             ("num_meta_steps", self.num_meta_steps >= 1), ("tasks_per_step", self.tasks_per_step >= 1),
             ("curriculum_every", self.curriculum_every >= 0), ("curriculum_increment", self.curriculum_increment >= 0),
             ("validate_every", self.validate_every >= 0),
+            ("validate_every_inner_steps", self.validate_every_inner_steps >= 0),
         ]
         for name, ok in checks:
             if not ok:
@@ -188,12 +191,16 @@ def run_outer_loop(key: jax.Array, spec: G.NetworkSpec, vector, sample_fn: Sampl
             budget.skipped += 1
             state = None  # restart the unroll on new tasks
         budget.meta_steps += 1
+        previous_inner_steps = budget.inner_steps
         budget.inner_steps += int(est.inner_steps)
         budget.wall_time = time.perf_counter() - start
         row = {"meta_step": step, "num_steps": num_steps, "loss": loss, "grad_norm": float(jnp.linalg.norm(grad)),
                "finite": finite, "inner_steps": budget.inner_steps, "wall_time": budget.wall_time}
         budget.stop_reason = _stop_reason(config, budget)
-        if budget.stop_reason is not None or (config.validate_every and budget.meta_steps % config.validate_every == 0):
+        every = config.validate_every_inner_steps
+        if (budget.stop_reason is not None
+                or (config.validate_every and budget.meta_steps % config.validate_every == 0)
+                or (every and budget.inner_steps // every > previous_inner_steps // every)):
             validate(row)
         history.append(row)
         if callback is not None:

@@ -1,0 +1,568 @@
+"""``blur compare``: evolution strategies vs gradient-based outer loops on equal budgets (DESIGN §5).
+
+Every method starts from the same initial genome (``strategy.init``), meta-trains on the same task family
+(train split) and is measured on the same held-out tasks (test split) whenever it has consumed another
+``budget / num_points`` inner steps, until the shared inner-step budget (and optional wall-clock limit) is
+spent. Each method runs once per seed. The final genomes are then scored next to tuned SGD, SGD+momentum,
+Adam and the tuned backprop genome with :func:`evolution.report.compare_on_heldout`.
+
+The YAML file is an ordinary experiment config (network, task, episode, strategy, run, report) plus a
+``compare:`` section, parsed here::
+
+    compare:
+      seeds: [0, 1]
+      inner_step_budget: 200000
+      num_points: 10
+      methods:
+        - {name: CMA-ES, kind: es}                       # strategy section defaults
+        - {name: OpenES, kind: es, strategy: open_es, population_size: 32, sigma: 0.1}
+        - {name: backprop, kind: gradient, estimator: full, learning_rate: 5.0e-4}
+        - {name: PES, kind: gradient, estimator: pes, options: {truncation: 5, pes_pairs: 4}}
+
+Outputs in ``out_dir``: ``report.md`` (tables, plots, a factual summary), ``results.csv`` (one row per
+method: final held-out accuracy over seeds, budget, memory), ``curves.csv`` (held-out accuracy along every
+run), ``accuracy_vs_inner_steps.png``, ``accuracy_vs_wall_clock.png``, ``memory.png``,
+``final_accuracy.png``, ``compare.json`` and the ES run directories under ``runs/``.
+
+Accounting. Inner steps are rule steps computed (ES: population × tasks × T per generation; gradient
+methods: see :mod:`evolution.outer_loop`). Wall clock excludes the held-out measurements and compilation
+(ES runs start after one untimed warm-up generation; gradient runs subtract their measured compile time;
+a curriculum's new unroll lengths compile inside the timed part for ES). Memory is XLA's
+compiled ``temp`` bytes of the method's jitted step (ES: the population evaluation; gradients: the
+estimator) at T and at ``memory_multiplier``·T.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+import genome as G
+from evolution import gradients as GR
+from evolution import outer_loop as OL
+from evolution.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict
+from evolution.report import compare_on_heldout
+from evolution.run import Run, initial_vector, local_evaluator, network_spec
+from workers import engine
+from workers.evaluator import synapse_keys
+from workers.tasks import make_family
+
+METHOD_KINDS = ("es", "gradient")
+_HELDOUT, _GRADIENT, _FINAL = 11, 12, 13  # fold_in salts
+_FAST_COMPILE = {"xla_backend_optimization_level": 0}  # memory analysis only: same buffers, faster compile
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One outer loop of the comparison.
+
+    kind ``es``: ``strategy`` / ``population_size`` / ``sigma`` / ``options`` override the config's
+    strategy section. kind ``gradient``: ``estimator`` (full | truncated | pes | evograd) with ``options``
+    (:class:`evolution.gradients.EstimatorConfig` fields, e.g. truncation, remat, pes_sigma), Adam
+    ``learning_rate`` and ``clip_norm``, ``tasks_per_step`` (default: ``run.tasks_per_generation``) and an
+    unroll curriculum in meta-steps.
+    """
+
+    name: str
+    kind: str
+    strategy: str | None = None
+    population_size: int | None = None
+    sigma: float | None = None
+    estimator: str = "full"
+    options: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float = 5e-4
+    clip_norm: float = 10.0
+    tasks_per_step: int | None = None
+    curriculum_every: int = 0
+    curriculum_increment: int = 5
+    curriculum_max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    methods: tuple[MethodConfig, ...]
+    seeds: tuple[int, ...] = (0,)
+    inner_step_budget: int = 100_000
+    max_wall_time: float | None = None  # seconds per (method, seed)
+    num_points: int = 10  # held-out measurements along each run
+    heldout_tasks: int = 32
+    memory_multiplier: int = 4
+    baselines: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _check(value: Any, types: tuple, key: str) -> Any:
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{key}: expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{key}: expected {' or '.join(t.__name__ for t in types)}, got {value!r}")
+    return float(value) if float in types and int in types and not isinstance(value, bool) else value
+
+
+_FIELD_TYPES = {
+    "name": (str,), "kind": (str,), "strategy": (str, type(None)), "population_size": (int, type(None)),
+    "sigma": (float, int, type(None)), "estimator": (str,), "options": (dict,), "learning_rate": (float, int),
+    "clip_norm": (float, int), "tasks_per_step": (int, type(None)), "curriculum_every": (int,),
+    "curriculum_increment": (int,), "curriculum_max_steps": (int, type(None)),
+    "seeds": (list,), "inner_step_budget": (int,), "max_wall_time": (float, int, type(None)), "num_points": (int,),
+    "heldout_tasks": (int,), "memory_multiplier": (int,), "baselines": (bool,), "methods": (list,),
+}
+
+
+def _method(data: Any, index: int) -> MethodConfig:
+    where = f"compare.methods[{index}]"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    names = {f.name for f in dataclasses.fields(MethodConfig)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: unknown key (allowed: {', '.join(sorted(names))})")
+        _check(value, _FIELD_TYPES[key], f"{where}.{key}")
+    if "name" not in data or "kind" not in data:
+        raise ConfigError(f"{where}: needs a name and a kind ({' | '.join(METHOD_KINDS)})")
+    if data["kind"] not in METHOD_KINDS:
+        raise ConfigError(f"{where}.kind: must be one of {', '.join(METHOD_KINDS)}; got {data['kind']!r}")
+    method = MethodConfig(**{k: (float(v) if k in ("sigma", "learning_rate", "clip_norm") and v is not None else v)
+                             for k, v in data.items()})
+    if method.kind == "gradient":
+        try:
+            estimator_config(method)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return method
+
+
+def parse_compare(data: Any) -> CompareConfig:
+    """The ``compare:`` section as a :class:`CompareConfig`; every problem is a ConfigError naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError("compare: expected a mapping with at least 'methods'")
+    names = {f.name for f in dataclasses.fields(CompareConfig)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"compare.{key}: unknown key (allowed: {', '.join(sorted(names))})")
+        _check(value, _FIELD_TYPES[key], f"compare.{key}")
+    if not data.get("methods"):
+        raise ConfigError("compare.methods: list at least one method")
+    methods = tuple(_method(m, i) for i, m in enumerate(data["methods"]))
+    labels = [m.name for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("compare.methods: method names must be unique")
+    values = {k: v for k, v in data.items() if k != "methods"}
+    if "seeds" in values:
+        if not values["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in values["seeds"]):
+            raise ConfigError("compare.seeds: expected a non-empty list of integers")
+        values["seeds"] = tuple(values["seeds"])
+    config = CompareConfig(methods=methods, **values)
+    for key, ok in (("inner_step_budget", config.inner_step_budget >= 1), ("num_points", config.num_points >= 1),
+                    ("heldout_tasks", config.heldout_tasks >= 1), ("memory_multiplier", config.memory_multiplier >= 1)):
+        if not ok:
+            raise ConfigError(f"compare.{key}: must be >= 1")
+    return config
+
+
+def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, CompareConfig]:
+    """Load the experiment config and its ``compare:`` section; ``--set compare.x=...`` works too."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if "compare" not in data:
+        raise ConfigError(f"{path}: no 'compare:' section")
+    compare = parse_compare(data.pop("compare"))
+    return config_from_dict(data), compare
+
+
+def estimator_config(method: MethodConfig) -> GR.EstimatorConfig:
+    return GR.EstimatorConfig(name=method.estimator, **method.options)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class HeldOut:
+    """Fixed held-out tasks (test split) shared by every method; ``measure(vector) -> (accuracy, loss)``."""
+
+    def __init__(self, config: Config, spec: G.NetworkSpec, num_tasks: int):
+        key = jax.random.fold_in(jax.random.key(config.seed), _HELDOUT)
+        num_steps = config.episode.num_steps
+        self.spec = spec
+        self.tasks = make_family(config.task, "test").sample(key, num_tasks, num_steps)
+        self.keys = synapse_keys(key, num_tasks)
+        self.episode = dataclasses.replace(config.episode, num_steps=num_steps, curve_steps=())
+
+    def measure(self, vector) -> tuple[float, float]:
+        result = engine.evaluate(self.spec, jnp.asarray(vector, jnp.float32)[None], self.tasks, self.keys, self.episode)
+        loss = np.asarray(result.cross_entropy[0])
+        return float(np.mean(result.accuracy[0])), float(np.mean(np.where(np.isfinite(loss), loss, np.nan)))
+
+
+def _checkpoints(compare: CompareConfig) -> int:
+    return max(1, compare.inner_step_budget // compare.num_points)
+
+
+def run_es(config: Config, compare: CompareConfig, method: MethodConfig, seed: int, spec: G.NetworkSpec,
+           heldout: HeldOut, run_dir: Path) -> dict[str, Any]:
+    """One evolution run (the ``blur evolve`` loop, validation off) until the inner-step budget is spent."""
+    strategy = dataclasses.replace(
+        config.strategy, **{k: v for k, v in (("name", method.strategy), ("population_size", method.population_size),
+                                              ("sigma", method.sigma)) if v is not None},
+        options={**config.strategy.options, **method.options})
+    run_config = dataclasses.replace(config.run, generations=10**9, max_evaluations=None, validation_every=0,
+                                     checkpoint_every=10**9, max_wall_time=compare.max_wall_time, target_fitness=None)
+    es_config = dataclasses.replace(config, seed=seed, strategy=strategy, run=run_config)
+    _warm_up_es(es_config, run_dir.parent / f"_warmup-{run_dir.name}")
+    run = Run.create(es_config, run_dir, local_evaluator)
+    every = _checkpoints(compare)
+    accuracy, loss = heldout.measure(run.strategy.mean(run.strategy_state))
+    curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
+    while run.state.inner_steps < compare.inner_step_budget and run._stop_reason() is None:
+        before = run.state.inner_steps
+        run.step()
+        if run.state.inner_steps // every > before // every or run.state.inner_steps >= compare.inner_step_budget:
+            accuracy, loss = heldout.measure(run.strategy.mean(run.strategy_state))
+            curve.append({"inner_steps": run.state.inner_steps, "wall_time": run.state.elapsed,
+                          "accuracy": accuracy, "loss": loss})
+    run.state.stop_reason = run.state.stop_reason or "inner_step_budget"
+    run.checkpoint()
+    population = es_config.strategy.population_size
+    memory = {steps: _es_memory(es_config, spec, population, steps)
+              for steps in (config.episode.num_steps, compare.memory_multiplier * config.episode.num_steps)}
+    return {"vector": np.asarray(run.strategy.mean(run.strategy_state), np.float32), "curve": curve,
+            "inner_steps": run.state.inner_steps, "wall_time": run.state.elapsed, "compile_time": None,
+            "memory": memory}
+
+
+def _warm_up_es(config: Config, scratch: Path) -> None:
+    """One untimed generation in a scratch directory, so that the timed run does not pay for compilation."""
+    warmup = Run.create(config, scratch, local_evaluator)
+    warmup.step()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _es_memory(config: Config, spec: G.NetworkSpec, population: int, num_steps: int) -> int:
+    num_tasks = config.run.tasks_per_generation
+    key = jax.random.key(0)
+    tasks = make_family(config.task, "train").sample(key, num_tasks, num_steps)
+    vectors = jnp.zeros((population, G.num_dims(spec)), jnp.float32)
+    episode = dataclasses.replace(config.episode, num_steps=num_steps, curve_steps=())
+    evaluate = jax.jit(engine.evaluate, static_argnums=(0, 4))  # the same computation as the engine's jit
+    return GR.compiled_memory(evaluate, spec, vectors, tasks, synapse_keys(key, num_tasks), episode,
+                              compiler_options=_FAST_COMPILE)["temp"]
+
+
+def run_gradient(config: Config, compare: CompareConfig, method: MethodConfig, seed: int, spec: G.NetworkSpec,
+                 heldout: HeldOut, initial: np.ndarray) -> dict[str, Any]:
+    """One gradient-based outer loop until the inner-step budget is spent."""
+    estimator = estimator_config(method)
+    tasks_per_step = method.tasks_per_step or config.run.tasks_per_generation
+    outer = OL.OuterLoopConfig(
+        estimator, learning_rate=method.learning_rate, clip_norm=method.clip_norm, num_meta_steps=10**9,
+        tasks_per_step=tasks_per_step, max_inner_steps=compare.inner_step_budget,
+        max_wall_time=compare.max_wall_time, curriculum_every=method.curriculum_every,
+        curriculum_increment=method.curriculum_increment, curriculum_max_steps=method.curriculum_max_steps,
+        validate_every_inner_steps=_checkpoints(compare))
+    family = make_family(config.task, "train")
+    accuracy, loss = heldout.measure(initial)
+    curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
+
+    def validate(vector):
+        accuracy, loss = heldout.measure(vector)
+        return {"heldout_accuracy": accuracy, "heldout_loss": loss}
+
+    key = jax.random.fold_in(jax.random.key(seed), _GRADIENT)
+    result = OL.run_outer_loop(key, spec, initial, family.sample, config.episode, outer, validate_fn=validate)
+    curve += [{"inner_steps": row["inner_steps"], "wall_time": row["wall_time"], "accuracy": row["heldout_accuracy"],
+               "loss": row["heldout_loss"]} for row in result.history if "heldout_accuracy" in row]
+    memory = {steps: m["temp"] for steps, m in result.budget.memory.items()}  # what the loop compiled
+    for steps in (config.episode.num_steps, compare.memory_multiplier * config.episode.num_steps):
+        if steps in memory:
+            continue
+        tasks = family.sample(jax.random.key(0), tasks_per_step, steps)
+        episode = dataclasses.replace(config.episode, num_steps=steps, curve_steps=())
+        memory[steps] = GR.estimator_memory(spec, jnp.asarray(initial, jnp.float32), tasks,
+                                            synapse_keys(jax.random.key(0), tasks_per_step), episode, estimator,
+                                            compiler_options=_FAST_COMPILE)["temp"]
+    compile_time = result.budget.compile_time
+    for point in curve[1:]:  # wall clock without compilation (ES runs are warmed up instead)
+        point["wall_time"] = max(point["wall_time"] - compile_time, 0.0)
+    return {"vector": result.vector, "curve": curve, "inner_steps": result.budget.inner_steps,
+            "wall_time": max(result.budget.wall_time - compile_time, 0.0), "compile_time": compile_time,
+            "memory": memory,
+            "skipped": result.budget.skipped}
+
+
+def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, progress=None) -> dict[str, Any]:
+    """Run every (method, seed), then score the final genomes and the tuned baselines; write the outputs.
+
+    ``config``: the experiment config; ``compare``: its ``compare:`` section (see
+    :func:`load_compare_config`); ``progress(line)`` is called after every run. Returns the summary.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "runs").exists():
+        raise ConfigError(f"--out {out_dir}: a comparison already exists there")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = network_spec(config)
+    initial = np.asarray(initial_vector(config, spec), np.float32)
+    heldout = HeldOut(config, spec, compare.heldout_tasks)
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for method in compare.methods:
+        runs[method.name] = {}
+        for seed in compare.seeds:
+            start = time.perf_counter()
+            if method.kind == "es":
+                run_dir = out_dir / "runs" / f"{_slug(method.name)}-seed{seed}"
+                outcome = run_es(config, compare, method, seed, spec, heldout, run_dir)
+            else:
+                outcome = run_gradient(config, compare, method, seed, spec, heldout, initial)
+            runs[method.name][seed] = outcome
+            if progress is not None:
+                progress(f"{method.name} seed {seed}: held-out accuracy {outcome['curve'][-1]['accuracy']:.3f} "
+                         f"after {outcome['inner_steps']} inner steps ({time.perf_counter() - start:.1f} s)")
+    genomes = {f"{name} / seed {seed}": G.unravel(spec, jnp.asarray(outcome["vector"]))
+               for name, by_seed in runs.items() for seed, outcome in by_seed.items()}
+    final = compare_on_heldout(
+        spec, genomes, config.task, config.episode.num_steps, jax.random.fold_in(jax.random.key(config.seed), _FINAL),
+        num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
+        learning_rates=config.report.learning_rates,
+        baseline_names=config.report.baselines if compare.baselines else (),
+        include_backprop_genome=compare.baselines and config.report.backprop_genome,
+        skip_last_update=config.episode.skip_last_update)
+    summary = _summarize(compare, runs, final)
+    _write_outputs(out_dir, config, compare, runs, final, summary, initial)
+    return summary
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower() or "method"
+
+
+def _summarize(compare: CompareConfig, runs, final) -> dict[str, Any]:
+    methods = {}
+    for method in compare.methods:
+        by_seed = runs[method.name]
+        accuracy = [final["methods"][f"{method.name} / seed {s}"]["accuracy"] for s in compare.seeds]
+        loss = [final["methods"][f"{method.name} / seed {s}"]["cross_entropy"] for s in compare.seeds]
+        memory = next(iter(by_seed.values()))["memory"]
+        steps = sorted(memory)
+        methods[method.name] = {
+            "kind": method.kind,
+            "detail": method.estimator if method.kind == "gradient" else (method.strategy or "config strategy"),
+            "final_accuracy_mean": float(np.mean(accuracy)),
+            "final_accuracy_std": float(np.std(accuracy)),
+            "final_accuracy_seeds": [float(a) for a in accuracy],
+            "final_loss_mean": float(np.nanmean([np.nan if v is None else v for v in loss])),
+            "inner_steps": float(np.mean([o["inner_steps"] for o in by_seed.values()])),
+            "wall_time": float(np.mean([o["wall_time"] for o in by_seed.values()])),
+            "memory_short": memory[steps[0]],
+            "memory_long": memory[steps[-1]],
+            "auc": float(np.mean([_area(o["curve"]) for o in by_seed.values()])),
+        }
+    baselines = {name: row for name, row in final["methods"].items() if " / seed " not in name}
+    memory_steps = sorted(next(iter(next(iter(runs.values())).values()))["memory"])
+    return {"methods": methods, "baselines": baselines, "num_steps": final["num_steps"], "memory_steps": memory_steps}
+
+
+def _area(curve: list[dict]) -> float:
+    """Mean held-out accuracy over the inner-step budget (trapezoid area / budget): learning speed."""
+    x = np.array([p["inner_steps"] for p in curve], float)
+    y = np.array([p["accuracy"] for p in curve], float)
+    if len(x) < 2 or x[-1] <= 0:
+        return float(y[-1])
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / x[-1])
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def _write_outputs(out_dir: Path, config: Config, compare: CompareConfig, runs, final, summary, initial) -> None:
+    short, long = summary["memory_steps"][0], summary["memory_steps"][-1]
+    with open(out_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "kind", "detail", "final_accuracy_mean", "final_accuracy_std", "seeds",
+                         "final_cross_entropy", "accuracy_auc", "inner_steps", "wall_time_s",
+                         f"temp_bytes_T{short}", f"temp_bytes_T{long}"])
+        for name, row in summary["methods"].items():
+            writer.writerow([name, row["kind"], row["detail"], f"{row['final_accuracy_mean']:.4f}",
+                             f"{row['final_accuracy_std']:.4f}", len(compare.seeds), f"{row['final_loss_mean']:.4f}",
+                             f"{row['auc']:.4f}", int(row["inner_steps"]), f"{row['wall_time']:.2f}",
+                             row["memory_short"], row["memory_long"]])
+        for name, row in summary["baselines"].items():
+            writer.writerow([name, "baseline", f"lr={row['learning_rate']}", f"{row['accuracy']:.4f}",
+                             f"{row['accuracy_stderr']:.4f}", "", "" if row["cross_entropy"] is None else
+                             f"{row['cross_entropy']:.4f}", "", "", "", "", ""])
+    with open(out_dir / "curves.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "seed", "inner_steps", "wall_time_s", "heldout_accuracy", "heldout_cross_entropy"])
+        for name, by_seed in runs.items():
+            for seed, outcome in by_seed.items():
+                for point in outcome["curve"]:
+                    writer.writerow([name, seed, point["inner_steps"], f"{point['wall_time']:.3f}",
+                                     f"{point['accuracy']:.4f}", f"{point['loss']:.4f}"])
+    plots = _plot(out_dir, compare, runs, summary)
+    (out_dir / "compare.json").write_text(json.dumps({
+        "config": config_to_dict(config), "compare": _plain(compare), "summary": summary,
+        "final": {k: v for k, v in final.items()}, "initial_vector": [float(v) for v in initial],
+    }, indent=2, default=_json_default))
+    (out_dir / "report.md").write_text(_markdown(config, compare, summary, plots))
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _plot(out_dir: Path, compare: CompareConfig, runs, summary) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for axis, label, filename in (("inner_steps", "inner steps consumed", "accuracy_vs_inner_steps.png"),
+                                  ("wall_time", "wall clock (s, excluding compilation and held-out measurement)",
+                                   "accuracy_vs_wall_clock.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for index, (name, by_seed) in enumerate(runs.items()):
+            color = f"C{index % 10}"
+            for seed_index, outcome in enumerate(by_seed.values()):
+                xs = [p[axis] for p in outcome["curve"]]
+                ys = [p["accuracy"] for p in outcome["curve"]]
+                ax.plot(xs, ys, color=color, alpha=0.9 if seed_index == 0 else 0.45,
+                        label=name if seed_index == 0 else None, marker="o", markersize=2.5)
+        for index, (name, row) in enumerate(summary["baselines"].items()):
+            ax.axhline(row["accuracy"], color="0.3", linestyle=("--", ":", "-.", (0, (1, 3)))[index % 4],
+                       linewidth=1, label=f"{name} (tuned, final)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=110)
+        plt.close(fig)
+        written.append(filename)
+    names = list(summary["methods"])
+    short, long = summary["memory_steps"][0], summary["memory_steps"][-1]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    positions = np.arange(len(names))
+    ax.bar(positions - 0.2, [summary["methods"][n]["memory_short"] / 1024 for n in names], 0.4, label=f"T = {short}")
+    ax.bar(positions + 0.2, [summary["methods"][n]["memory_long"] / 1024 for n in names], 0.4, label=f"T = {long}")
+    ax.set_xticks(positions, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("compiled temp memory (KiB)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "memory.png", dpi=110)
+    plt.close(fig)
+    written.append("memory.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = names + list(summary["baselines"])
+    means = [summary["methods"][n]["final_accuracy_mean"] for n in names] + [
+        summary["baselines"][n]["accuracy"] for n in summary["baselines"]]
+    errors = [summary["methods"][n]["final_accuracy_std"] for n in names] + [
+        summary["baselines"][n]["accuracy_stderr"] for n in summary["baselines"]]
+    colors = ["C0"] * len(names) + ["0.6"] * len(summary["baselines"])
+    ax.bar(np.arange(len(labels)), means, yerr=errors, color=colors, capsize=3)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("final held-out accuracy")
+    fig.tight_layout()
+    fig.savefig(out_dir / "final_accuracy.png", dpi=110)
+    plt.close(fig)
+    written.append("final_accuracy.png")
+    return written
+
+
+def _markdown(config: Config, compare: CompareConfig, summary, plots: list[str]) -> str:
+    methods, baselines = summary["methods"], summary["baselines"]
+    short, long = summary["memory_steps"][0], summary["memory_steps"][-1]
+    lines = [
+        "# blur compare",
+        "",
+        f"Task family `{config.task.family}` ({config.task.resolved_n_way}-way, batch {config.task.batch_size}), "
+        f"network {list(config.network.hidden_sizes)} hidden, k = {config.network.num_states}, T = "
+        f"{config.episode.num_steps} inner steps. Budget per run: {compare.inner_step_budget} inner steps"
+        + (f" or {compare.max_wall_time} s" if compare.max_wall_time else "") + f"; seeds {list(compare.seeds)}. "
+        f"Final scores on {config.report.test_tasks} held-out test tasks; curves on {compare.heldout_tasks} others.",
+        "",
+        "| method | kind | final held-out accuracy (mean ± std over seeds) | cross-entropy | accuracy AUC "
+        f"| inner steps | wall clock (s) | temp memory T={short} | T={long} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in methods.items():
+        lines.append(f"| {name} | {row['kind']} ({row['detail']}) | {row['final_accuracy_mean']:.3f} ± "
+                     f"{row['final_accuracy_std']:.3f} | {row['final_loss_mean']:.3f} | {row['auc']:.3f} | "
+                     f"{int(row['inner_steps'])} | {row['wall_time']:.1f} | {_bytes(row['memory_short'])} | "
+                     f"{_bytes(row['memory_long'])} |")
+    for name, row in baselines.items():
+        ce = "diverged" if row["cross_entropy"] is None else f"{row['cross_entropy']:.3f}"
+        lines.append(f"| {name} | tuned baseline (lr {row['learning_rate']}) | {row['accuracy']:.3f} ± "
+                     f"{row['accuracy_stderr']:.3f} (stderr over tasks) | {ce} | | | | | |")
+    best = max(methods, key=lambda n: methods[n]["final_accuracy_mean"])
+    fastest = max(methods, key=lambda n: methods[n]["auc"])
+    lines += [
+        "",
+        "Accuracy AUC = mean held-out accuracy along the run (area under the accuracy-vs-inner-steps curve "
+        "divided by the budget): higher means a good rule was found with less compute.",
+        "",
+        "## Summary (generated; read with the spread over seeds in mind)",
+        "",
+        f"* Best final held-out accuracy: **{best}** ({methods[best]['final_accuracy_mean']:.3f}).",
+        f"* Best accuracy per unit of inner-step compute (AUC): **{fastest}** ({methods[fastest]['auc']:.3f}).",
+    ]
+    if baselines:
+        top = max(baselines, key=lambda n: baselines[n]["accuracy"])
+        lines.append(f"* Best tuned baseline: {top} ({baselines[top]['accuracy']:.3f}).")
+    growing = [n for n, r in methods.items() if r["memory_long"] > 1.5 * max(r["memory_short"], 1)]
+    lines.append(f"* Compiled memory grows with T for: {', '.join(growing) if growing else 'none'}; "
+                 "the others are flat in T.")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _bytes(value: int) -> str:
+    return "n/a" if value is None or value < 0 else f"{value / 1024:.1f} KiB"
+
+
+def main_compare(config_path: str, out_dir: str | None, overrides: Sequence[str] = ()) -> int:
+    """``blur compare CONFIG [--out DIR] [--set k=v ...]``; ConfigError propagates (exit 2 in the CLI)."""
+    config, compare = load_compare_config(config_path, overrides)
+    if out_dir is None:
+        out_dir = Path("runs") / f"compare-{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_comparison(config, out_dir, compare, progress=lambda line: print(line, flush=True))
+    print(f"report: {Path(out_dir) / 'report.md'}")
+    for name, row in summary["methods"].items():
+        print(f"  {name:<24} {row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f}")
+    return 0
+
+
+__all__ = ["CompareConfig", "MethodConfig", "load_compare_config", "main_compare", "parse_compare", "run_comparison"]
