@@ -180,6 +180,10 @@ def _run_to_end(run, quiet: bool) -> int:
     progress = _Progress(config.run.generations, run.state.generation, quiet)
     try:
         reason = run.run(progress)
+    except Exception:
+        print(f"blur: the run stopped; checkpointed at generation {run.state.generation} "
+              f"(continue with `blur resume {run.run_dir}`)", file=sys.stderr)
+        raise
     finally:
         progress.close()
         run.evaluator.close()

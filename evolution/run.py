@@ -31,7 +31,9 @@ from workers.tasks import make_family
 
 # fold_in salts of the root key
 _GENERATION, _VALIDATION, _TEST, _TUNING = 1, 2, 3, 4
-TIMING_KEYS = ("wall_time", "eval_time", "driver_time", "generation_time")
+# metrics that measure time (they differ between otherwise identical runs; the Ray ones come from workers/ray.py)
+TIMING_KEYS = ("wall_time", "eval_time", "driver_time", "generation_time", "ray_eval_time", "ray_dispatch_time",
+               "ray_overhead_time", "ray_worker_episodes_per_s")
 
 
 def root_key(config: Config) -> jax.Array:

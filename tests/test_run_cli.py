@@ -231,3 +231,33 @@ def test_tasks_lists_every_family(capsys):
     assert code == 0
     assert {"digits", "fashion_mnist", "mnist", "idx", "mnist1d", "toy2d", "teacher_student"} <= set(families)
     assert families["mnist"]["needs_data_dir"] is True
+
+
+class FailingEvaluator:
+    """The in-process evaluator that fails for good after ``calls`` evaluations (all workers lost)."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls, self.spec = inner, calls, inner.spec
+
+    def evaluate(self, *args):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("every worker is gone")
+        return self.inner.evaluate(*args)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_run_whose_evaluator_fails_checkpoints_and_resumes_exactly(tmp_path):
+    overrides = ["run.generations=6", "run.validation_every=2"]
+    _, reference = in_process_run(tmp_path / "ref", overrides)
+    config = load_config(SMOKE, overrides)
+    run = Run.create(config, tmp_path / "run", lambda c, s: FailingEvaluator(local_evaluator(c, s), calls=5))
+    with pytest.raises(RuntimeError, match="every worker is gone"):
+        run.run()
+    counters, _, _ = load_checkpoint(tmp_path / "run")
+    assert counters["generation"] == 3  # generations 0-2 complete (train + one validation = 4 calls), 3 failed
+    resumed = Run.resume(tmp_path / "run", local_evaluator)
+    resumed.run()
+    assert metric_rows(tmp_path / "run") == reference
