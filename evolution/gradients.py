@@ -11,7 +11,7 @@ support batches, same ``skip_last_update``); the tests pin the two together.
 
 Estimators share one pure, jitted interface::
 
-    state = init_state(spec, tasks, synapse_keys, estimator)            # fresh synapses, step 0
+    state = init_state(spec, synapse_keys, estimator)                   # fresh synapses, step 0
     est = estimate(spec, vector, tasks, state, key, episode, estimator)  # -> Estimate(loss, grad, state, ...)
 
 and ``done(state, episode)`` says when the current unroll is finished (the outer loop then samples new
@@ -191,11 +191,17 @@ def meta_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys:
     ``engine.episode(...).cross_entropy``.
     """
     synapses = init_task_synapses(spec, synapse_keys, vector.dtype)
-    return _window_loss(spec, vector, tasks, synapses, 0, num_updates(config), None, remat)[0]
+    return window_loss(spec, vector, tasks, synapses, 0, num_updates(config), None, remat)[0]
 
 
-def _window_loss(spec, vector, tasks, synapses, start, length, stop, remat):
-    """Mean query loss over tasks after ``length`` steps from ``synapses``; returns (loss, end synapses)."""
+def window_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G.Synapses, start, length: int,
+                stop=None, remat: str = "none") -> tuple[jax.Array, G.Synapses]:
+    """Mean query loss over the task batch after ``length`` rule steps from ``synapses`` (per task ``[K, ...]``)
+    starting at support batch ``start`` (steps ``>= stop`` masked, see :func:`unroll`).
+
+    Returns (loss, end synapses). With fresh synapses, ``start = 0`` and ``length = T`` it is the meta-loss;
+    with ``stop = t`` it is the loss after the first t steps (the quantity PES is unbiased for).
+    """
     genome = G.unravel(spec, vector)
 
     def one(task, syn):
@@ -209,10 +215,9 @@ def _window_loss(spec, vector, tasks, synapses, start, length, stop, remat):
 # ------------------------------------------------------------------------------------------ estimators
 
 
-def init_state(spec: G.NetworkSpec, tasks: Task, synapse_keys: jax.Array, estimator: EstimatorConfig,
+def init_state(spec: G.NetworkSpec, synapse_keys: jax.Array, estimator: EstimatorConfig,
                dtype=jnp.float32) -> UnrollState:
-    """The state at the start of an unroll on ``tasks``: fresh synapses (shared by PES perturbations)."""
-    del tasks  # the unroll's tasks are passed to every estimate; kept in the signature for symmetry
+    """The state at the start of an unroll: fresh synapses per task (shared by all PES perturbations)."""
     synapses = init_task_synapses(spec, synapse_keys, dtype)
     pairs = estimator.pes_pairs if estimator.name == "pes" else 0
     if pairs:
@@ -227,7 +232,7 @@ def done(state: UnrollState, config: EpisodeConfig) -> bool:
 
 def _full(spec, vector, tasks, state, config, estimator):
     steps = num_updates(config)
-    (loss, end), grad = jax.value_and_grad(_window_loss, argnums=1, has_aux=True)(
+    (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
         spec, vector, tasks, state.synapses, 0, steps, None, estimator.remat)
     new_state = UnrollState(end, jnp.asarray(steps, jnp.int32), state.perturbation)
     return Estimate(loss, grad, new_state, jnp.asarray(steps * _num_tasks(tasks)))
@@ -235,7 +240,7 @@ def _full(spec, vector, tasks, state, config, estimator):
 
 def _truncated(spec, vector, tasks, state, config, estimator):
     steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
-    (loss, end), grad = jax.value_and_grad(_window_loss, argnums=1, has_aux=True)(
+    (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
         spec, vector, tasks, state.synapses, state.step, window, steps, estimator.remat)
     new_step = jnp.minimum(state.step + window, steps)
     return Estimate(loss, grad, UnrollState(end, new_step, state.perturbation),
@@ -248,8 +253,8 @@ def _pes(spec, vector, tasks, state, key, config, estimator):
     noise = sigma * jax.random.normal(key, (pairs, vector.shape[0]), vector.dtype)
     accumulated = state.perturbation + noise  # PES: perturbations accumulate across truncations
     thetas = jnp.concatenate([vector[None] + noise, vector[None] - noise])  # antithetic pairs
-    window_loss = functools.partial(_window_loss, spec, start=state.step, length=window, stop=steps, remat="none")
-    losses, end = jax.vmap(lambda theta, syn: window_loss(theta, tasks, syn))(thetas, state.synapses)
+    run_window = functools.partial(window_loss, spec, start=state.step, length=window, stop=steps, remat="none")
+    losses, end = jax.vmap(lambda theta, syn: run_window(theta, tasks, syn))(thetas, state.synapses)
     difference = losses[:pairs] - losses[pairs:]
     grad = jnp.einsum("p,pd->d", difference, accumulated) / (2.0 * pairs * sigma**2)
     new_step = jnp.minimum(state.step + window, steps)
@@ -279,8 +284,9 @@ def evograd_objective(spec: G.NetworkSpec, vector: jax.Array, synapses: G.Synaps
         if estimator.evograd_noise > 0:
             leaves, treedef = jax.tree.flatten(synapses)
             noise_keys = jax.random.split(noise_key, len(leaves))
+            noise_std = estimator.evograd_noise
             start = jax.tree.unflatten(treedef, [
-                a + estimator.evograd_noise * jax.random.normal(nk, a.shape, a.dtype) for a, nk in zip(leaves, noise_keys)
+                a + noise_std * jax.random.normal(nk, a.shape, a.dtype) for a, nk in zip(leaves, noise_keys)
             ])
         return G.step(spec, genome, start, x, y)
 
@@ -384,6 +390,6 @@ def estimator_memory(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synaps
                      config: EpisodeConfig, estimator: EstimatorConfig,
                      compiler_options: dict | None = None) -> dict[str, int]:
     """:func:`compiled_memory` of :func:`estimate` for this (spec, tasks shape, episode, estimator)."""
-    state = init_state(spec, tasks, synapse_keys, estimator, vector.dtype)
+    state = init_state(spec, synapse_keys, estimator, vector.dtype)
     return compiled_memory(estimate, spec, vector, tasks, state, jax.random.key(0), config=config,
                            estimator=estimator, compiler_options=compiler_options)
