@@ -32,8 +32,8 @@ from workers.tasks import make_family
 # fold_in salts of the root key
 _GENERATION, _VALIDATION, _TEST, _TUNING = 1, 2, 3, 4
 # metrics that measure time (they differ between otherwise identical runs; the Ray ones come from workers/ray.py)
-TIMING_KEYS = ("wall_time", "eval_time", "driver_time", "generation_time", "ray_eval_time", "ray_dispatch_time",
-               "ray_overhead_time", "ray_worker_episodes_per_s")
+TIMING_KEYS = ("wall_time", "eval_time", "validation_time", "driver_time", "checkpoint_time", "generation_time",
+               "ray_eval_time", "ray_dispatch_time", "ray_overhead_time", "ray_worker_episodes_per_s")
 
 
 def root_key(config: Config) -> jax.Array:
@@ -143,6 +143,7 @@ class Run:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.state = RunState()
         self.strategy_state = None
+        self._checkpoint_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------ setup
     @classmethod
@@ -176,6 +177,11 @@ class Run:
         return run
 
     def checkpoint(self) -> None:
+        start = time.perf_counter()
+        self._save_checkpoint()
+        self._checkpoint_seconds = time.perf_counter() - start
+
+    def _save_checkpoint(self) -> None:
         save_checkpoint(self.run_dir, self.state.counters(), self.strategy.state_to_bytes(self.strategy_state),
                         self.state.best_vector)
 
@@ -201,7 +207,7 @@ class Run:
         eval_start = time.perf_counter()
         result = self.evaluator.evaluate(population, "train", task_key, config.run.tasks_per_generation, num_steps)
         eval_time = time.perf_counter() - eval_start
-        fitness = np.asarray(aggregate_fitness(jnp.asarray(result.fitness), config.episode), np.float64)
+        fitness = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), config.episode))
         self.strategy_state = self.strategy.tell(tell_key, population, fitness, self.strategy_state)
         num_episodes = result.fitness.size
         state.evaluations += len(population)
@@ -227,10 +233,12 @@ class Run:
             state.stop_reason = "strategy"
         state.generation += 1
         last = self._stop_reason() is not None
+        validation_start = time.perf_counter()
         if config.run.validation_every > 0 and (state.generation % config.run.validation_every == 0 or last):
             row.update(self._validate(population[best_index], num_steps, generation))
         elif config.run.validation_every == 0:
             self._offer_best(population[best_index], row["best_fitness"], generation)
+        validation_time = time.perf_counter() - validation_start
         generation_time = time.perf_counter() - start
         state.elapsed += generation_time
         row.update({
@@ -239,7 +247,9 @@ class Run:
             "wall_time": state.elapsed,
             "generation_time": generation_time,
             "eval_time": eval_time,
-            "driver_time": generation_time - eval_time,
+            "validation_time": validation_time,
+            "driver_time": generation_time - eval_time - validation_time,
+            "checkpoint_time": self._checkpoint_seconds,  # the previous checkpoint write (this one follows)
         })
         extra = getattr(self.evaluator, "last_metrics", None)
         if extra:
@@ -255,7 +265,7 @@ class Run:
         vectors = np.stack([mean, candidate])
         result = self.evaluator.evaluate(vectors, "validation", split_key(self.config, _VALIDATION),
                                          self.config.run.validation_tasks, num_steps)
-        scores = np.asarray(aggregate_fitness(jnp.asarray(result.fitness), self.config.episode), np.float64)
+        scores = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), self.config.episode))
         pick = int(np.argmin(scores))
         self._offer_best(vectors[pick], float(scores[pick]), generation)
         return {"val_fitness": float(scores[pick]), "val_accuracy": float(np.mean(result.accuracy[pick])),

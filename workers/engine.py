@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import genome as G
 from workers.task_types import Task
@@ -151,15 +152,18 @@ def compiled_cache_size() -> int:
     return _evaluate._cache_size()
 
 
-def aggregate_fitness(fitness: jax.Array, config: EpisodeConfig) -> jax.Array:
-    """Reduce ``fitness [P, K]`` over tasks to ``[P]`` with ``config.aggregate``."""
+def aggregate_fitness(fitness: jax.Array | np.ndarray, config: EpisodeConfig) -> jax.Array | np.ndarray:
+    """Reduce ``fitness [P, K]`` over tasks to ``[P]`` with ``config.aggregate``.
+
+    NumPy in, NumPy out (the driver's path: no device dispatch); JAX arrays stay in JAX (jit/grad)."""
+    xp = np if isinstance(fitness, np.ndarray) else jnp
     if config.aggregate == "mean":
-        return jnp.mean(fitness, axis=-1)
+        return xp.mean(fitness, axis=-1)
     if config.aggregate == "median":
-        return jnp.median(fitness, axis=-1)
+        return xp.median(fitness, axis=-1)
     if config.aggregate == "quantile":
-        return jnp.quantile(fitness, config.quantile, axis=-1)
-    return jnp.max(fitness, axis=-1)  # worst
+        return xp.quantile(fitness, config.quantile, axis=-1)
+    return xp.max(fitness, axis=-1)  # worst
 
 
 def canonical_flops(spec: G.NetworkSpec, batch_size: int) -> int:
