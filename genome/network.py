@@ -9,7 +9,14 @@ tasks) with no transposes:
 * backward blocks ``V[l]``: ``[k, n_{l+1}, n_l]`` (``V[c, j, i] = V_l[j, i, c]``).
 
 The k×k state mixes are applied to the (small) neuron tensors before the products, so no per-state outer
-product is ever materialized.
+product is ever materialized. They are written as k broadcast multiply-adds (:func:`_mix_states`), not as
+einsums: under ``vmap`` over genomes an einsum with the genome's k×k matrix becomes a batched dot whose
+output layout forces transposed copies of the neuron tensors around every product. The Hebbian products
+take their pre-synaptic operand already transposed (``[k, n, B]``, built by the mixing pass itself), so every
+product in a step is a plain batched ``[M, K] @ [K, N]`` matmul that XLA's CPU backend hands to its fast GEMM
+kernels. Together with the choice of where the bias unit enters the forward product (:func:`_forward_product`)
+this made the engine 1.36× (196-512-10, B=128) to 1.49× (64-32-10, B=32) faster on CPU than the einsum
+formulation (workers/bench.py scales, measured interleaved in one process).
 """
 
 from __future__ import annotations
@@ -90,9 +97,29 @@ def activate(name: str, s: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------- passes
 
 
-def _with_bias(a: jax.Array) -> jax.Array:
-    """``ā``: append a bias unit equal to 1 in every state. ``[k, B, n] -> [k, B, n + 1]``."""
-    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+def _mix_states(a: jax.Array, matrix: jax.Array) -> jax.Array:
+    """``Σ_d a[d] · matrix[d, c]`` for every destination state ``c``: ``[k, ...] -> [k, ...]``.
+
+    k broadcast multiply-adds (k is tiny) that fuse into one elementwise pass; see the module docstring."""
+    k = matrix.shape[0]
+    column = (k,) + (1,) * (a.ndim - 1)
+    mixed = jnp.reshape(matrix[0], column) * a[:1]
+    for d in range(1, k):
+        mixed = mixed + jnp.reshape(matrix[d], column) * a[d : d + 1]
+    return mixed
+
+
+def _mixed_with_bias(a: jax.Array, matrix: jax.Array) -> jax.Array:
+    """``Σ_d ā[b, i, d] · matrix[d, c]``: the mix of ``a [k, B, n]`` with the bias unit appended, ``[k, B, n + 1]``.
+    The bias unit is 1 in every state, so its mix is ``Σ_d matrix[d, c]``."""
+    mixed = _mix_states(a, matrix)
+    bias = jnp.reshape(jnp.sum(matrix, axis=0), (-1, 1, 1)).astype(mixed.dtype)
+    return jnp.concatenate([mixed, jnp.broadcast_to(bias, mixed.shape[:-1] + (1,))], axis=-1)
+
+
+def _transposed(a: jax.Array) -> jax.Array:
+    """Neurons ``[k, B, n] -> [k, n, B]`` (the pre-synaptic operand of a Hebbian product)."""
+    return jnp.swapaxes(a, 1, 2)
 
 
 def _column_normalize(block: jax.Array) -> jax.Array:
@@ -114,6 +141,18 @@ def _normalize_activation(spec: NetworkSpec, genome: Genome, s: jax.Array) -> ja
     return genome.norm_scale[:, None, None] * normalized + genome.norm_shift[:, None, None]
 
 
+def _forward_product(a: jax.Array, nu: jax.Array, w: jax.Array) -> jax.Array:
+    """Forward pass, ``Δ[b,j,c] = Σ_i Σ_d ā[b,i,d] ν[d,c] W[i,j,c]``, for ``a [k, B, n]``, ``w [k, n + 1, m]``.
+
+    The bias unit enters either as an appended neuron column (a copy of ``B·(n+1)`` per state) or, when the
+    batch is larger than the layer's output (a thin layer such as the 512 -> 10 output layer), as the
+    bias row ``(Σ_d ν[d,c]) W[n,j,c]`` split off the weights (a copy of ``n·m``); both are the same sum."""
+    if a.shape[1] <= w.shape[-1]:
+        return jnp.matmul(_mixed_with_bias(a, nu), w)
+    bias = jnp.reshape(jnp.sum(nu, axis=0), (-1, 1, 1)).astype(w.dtype)
+    return jnp.matmul(_mix_states(a, nu), w[:, :-1]) + bias * w[:, -1:]
+
+
 def forward(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> list[jax.Array]:
     """Forward pass from all-zero neurons (DESIGN §2 step 1). Returns the neuron states of every layer."""
     k = spec.num_states
@@ -122,8 +161,7 @@ def forward(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array)
     states = [a]
     blocks = _pass_blocks(spec, synapses.forward)
     for layer, w in enumerate(blocks):
-        mixed = jnp.einsum("dbi,dc->cbi", _with_bias(states[-1]), genome.forward_transform)
-        delta = jnp.einsum("cbi,cij->cbj", mixed, w)  # forward pass: Σ_i Σ_d ā[b,i,d] ν[d,c] W[i,j,c]
+        delta = _forward_product(states[-1], genome.forward_transform, w)
         # a^{l+1} = act(f·a^{l+1} + η·Δ) with a^{l+1} = 0 at the start of every step, so f·a^{l+1} = 0.
         s = genome.neuron_update * delta
         is_output = layer == spec.num_layers - 1
@@ -155,8 +193,8 @@ def backward(spec: NetworkSpec, genome: Genome, synapses: Synapses, states: list
     blocks = _pass_blocks(spec, synapses.backward)
     f, eta = genome.neuron_keep, genome.neuron_update
     for layer in range(spec.num_layers - 1, 0, -1):
-        mixed = jnp.einsum("dbj,dc->cbj", states[layer + 1], genome.backward_transform)
-        delta = jnp.einsum("cbj,cji->cbi", mixed, blocks[layer])  # Σ_j Σ_d a^{l+1}[b,j,d] µ[d,c] V[j,i,c]
+        mixed = _mix_states(states[layer + 1], genome.backward_transform)  # Σ_d a^{l+1}[b,j,d] µ[d,c]
+        delta = jnp.matmul(mixed, blocks[layer])  # Σ_j Σ_d a^{l+1}[b,j,d] µ[d,c] V[j,i,c]
         a = states[layer]
         if spec.backward_update == "additive":
             a = activate(spec.backward_activation, f * a + eta * delta)
@@ -194,16 +232,19 @@ def hebbian_update(spec: NetworkSpec, genome: Genome, synapses: Synapses, states
     forward_blocks, backward_blocks = [], []
     for layer in range(spec.num_layers):
         a_in, a_out = states[layer], states[layer + 1]
-        pre = jnp.einsum("ebi,eo->obi", _with_bias(a_in), nu_t)  # Σ_e ā^l[b,i,e] ν̃[e,o]
-        post = jnp.einsum("od,dbj->obj", mu_t, a_out)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d]
-        h_forward = scale * jnp.einsum("obi,obj->oij", pre, post)
+        pre_t = _mix_states(_transposed(a_in), nu_t)  # Σ_e a^l[b,i,e] ν̃[e,o], as [o, i, b]
+        post = _mix_states(a_out, mu_t.T)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d], as [o, b, j]
+        # H_f[i,j,o] = Σ_b pre[b,i,o] post[b,j,o]; the bias unit's pre is Σ_e ν̃[e,o] for every b, so the
+        # bias row is that times Σ_b post (cheaper than appending a bias row to pre_t before the product).
+        bias_row = jnp.reshape(jnp.sum(nu_t, axis=0), (-1, 1, 1)) * jnp.sum(post, axis=1, keepdims=True)
+        h_forward = scale * jnp.concatenate([jnp.matmul(pre_t, post), bias_row.astype(post.dtype)], axis=1)
         w = _update_block(spec, genome, synapses.forward[layer], h_forward)
         if spec.symmetric_in_out:
             v = _tied_backward(w)
         else:
-            pre_b = jnp.einsum("ebj,eo->obj", a_out, nu_t)
-            post_b = jnp.einsum("od,dbi->obi", mu_t, a_in)
-            h_backward = scale * jnp.einsum("obj,obi->oji", pre_b, post_b)
+            pre_b_t = _mix_states(_transposed(a_out), nu_t)  # Σ_e a^{l+1}[b,j,e] ν̃[e,o], as [o, j, b]
+            post_b = _mix_states(a_in, mu_t.T)  # Σ_d µ̃[o,d] a^l[b,i,d], as [o, b, i]
+            h_backward = scale * jnp.matmul(pre_b_t, post_b)  # H_b[j,i,o] = Σ_b pre_b[b,j,o] post_b[b,i,o]
             v = _update_block(spec, genome, synapses.backward[layer], h_backward)
         forward_blocks.append(w)
         backward_blocks.append(v)
