@@ -1,0 +1,127 @@
+"""The benchmark's PyTorch baselines compute genome.step's math, and `blur bench --quick --json` reports every
+documented number. No timing assertions: speed is the bench's output, not a test."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import genome as G
+from workers import bench as B
+from workers import engine as E
+from workers.task_types import Task
+
+SMALL = G.NetworkSpec((6, 5, 3), num_states=2, backward_activation="tanh")
+DEEP = G.NetworkSpec((7, 6, 5, 3), num_states=3, forward_activation="relu", backward_update="multiplicative",
+                     feedback="error_cross_entropy", batch_reduction="mean")
+SCALE_KEYS = (
+    "engine_gflops", "engine_steps_per_s", "torch_vectorized_gflops", "torch_vectorized_steps_per_s",
+    "torch_vectorized_all_blocks_gflops", "torch_loop_gflops", "torch_loop_steps_per_s", "gemm_jax_gflops",
+    "gemm_torch_gflops", "engine_vs_gemm", "engine_vs_torch_vectorized", "engine_vs_torch_vectorized_all_blocks",
+    "engine_vs_torch_loop", "memory_bytes_T", "memory_bytes_4T", "memory_ratio_4T", "memory_temp_ratio_4T",
+    "canonical_flops_per_step", "executed_flops_per_step",
+)
+
+
+@pytest.mark.parametrize("spec", [SMALL, B.bench_spec(B.QUICK_SCALES[0]), DEEP], ids=["small", "digits", "deep"])
+def test_torch_vectorized_step_and_per_genome_loop_compute_genome_step(spec):
+    errors = B.check_torch_matches_jax(spec, num_genomes=3, num_tasks=2, batch_size=8, num_steps=3)
+    assert errors["torch_vectorized_max_rel_err"] < B.CHECK_TOLERANCE
+    assert errors["torch_loop_max_rel_err"] < B.CHECK_TOLERANCE
+
+
+def test_the_check_catches_a_wrong_torch_step(monkeypatch):
+    right = B._mix
+    monkeypatch.setattr(B, "_mix", lambda a, matrix, out: right(a, matrix * 1.01, out))  # a 1% error
+    errors = B.check_torch_matches_jax(SMALL)
+    assert errors["torch_vectorized_max_rel_err"] > 10 * B.CHECK_TOLERANCE
+    assert errors["torch_loop_max_rel_err"] > 10 * B.CHECK_TOLERANCE
+
+
+def test_skipping_the_unread_input_backward_block_changes_nothing_else():
+    """The timed PyTorch runs leave backward[0] alone: every other block and the query scores are unchanged."""
+    spec = SMALL
+    vectors = B._genome_vectors(spec, jax.random.key(0), 2)
+    g = B.torch_genomes(spec, vectors, repeats=2)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((2, 4, 8, spec.num_inputs), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, spec.num_outputs, (2, 4, 8)))
+    start = B.torch_init_synapses(spec, 4, torch.Generator().manual_seed(0))
+    runs = {}
+    for full in (True, False):
+        forward, backward = [b.clone() for b in start[0]], [b.clone() for b in start[1]]
+        for t in range(4):
+            B.torch_step(spec, g, forward, backward, x[:, t], y[:, t], update_input_backward=full)
+        runs[full] = forward, backward, B.torch_query_scores(spec, g, forward, x[:, 0], y[:, 0])
+    (forward_full, backward_full, scores_full), (forward_lean, backward_lean, scores_lean) = runs[True], runs[False]
+    assert torch.equal(backward_lean[0], start[1][0]) and not torch.equal(backward_full[0], start[1][0])
+    for a, b in zip(forward_full + backward_full[1:], forward_lean + backward_lean[1:]):
+        assert torch.equal(a, b)
+    for a, b in zip(scores_full, scores_lean):
+        assert torch.equal(a, b)
+
+
+def _tiny_setup(seed=0):
+    spec = SMALL
+    scale = B.Scale("tiny", spec.layer_sizes, batch_size=8, population=3, tasks=2, steps=3, loop_population=3,
+                    query=16)
+    vectors = B._genome_vectors(spec, jax.random.key(seed), scale.population)
+    return spec, scale, vectors, B._random_tasks(scale, spec, scale.steps, seed=seed)
+
+
+def test_vectorized_episodes_equal_the_per_genome_loop():
+    spec, scale, vectors, tasks = _tiny_setup()
+    g = B.torch_genomes(spec, vectors, repeats=scale.tasks)
+    tasks = Task(*(torch.from_numpy(a) for a in tasks))
+    vectorized = B.torch_episodes_vectorized(spec, g, tasks, torch.Generator().manual_seed(5))
+    looped = B.torch_episodes_loop(spec, g, tasks, torch.Generator().manual_seed(5), scale.population)
+    np.testing.assert_allclose(vectorized.numpy(), looped, rtol=1e-5)
+
+
+def test_vectorized_torch_episodes_score_like_the_engine():
+    """Same genomes, tasks and initial synapses: the timed PyTorch path gives the engine's query losses."""
+    spec, scale, vectors, tasks = _tiny_setup(seed=3)
+    keys = jax.random.split(jax.random.key(4), scale.tasks)
+    engine = E.evaluate(spec, vectors, Task(*(jnp.asarray(a) for a in tasks)), keys,
+                        E.EpisodeConfig(num_steps=scale.steps))
+    per_task = jax.vmap(lambda k: G.init_synapses(spec, k))(keys)  # shared by every genome
+    initial = tuple([torch.from_numpy(np.tile(np.asarray(b), (scale.population,) + (1,) * (b.ndim - 1)))
+                     for b in blocks] for blocks in (per_task.forward, per_task.backward))
+    g = B.torch_genomes(spec, vectors, repeats=scale.tasks)
+    losses = B.torch_episodes_vectorized(spec, g, Task(*(torch.from_numpy(a) for a in tasks)),
+                                         torch.Generator(), initial=initial)
+    np.testing.assert_allclose(losses.numpy(), np.asarray(engine.cross_entropy).reshape(-1), rtol=1e-5)
+
+
+def test_executed_flops_count_the_products_an_episode_needs():
+    spec = G.NetworkSpec((2, 3, 4), num_states=1)
+    # layer 0: forward + forward Hebbian, 2·(2·B·k·(2+1)·3) = 36; layer 1: forward + forward Hebbian
+    # 2·(2·1·1·4·4) = 64, backward + backward Hebbian 2·(2·1·1·4·3) = 48
+    assert B.executed_flops(spec, 1) == 36 + 64 + 48
+
+
+def test_ray_section_reports_unavailable_without_workers_ray(monkeypatch):
+    monkeypatch.setitem(sys.modules, "workers.ray", None)  # makes `import workers.ray` raise ImportError
+    section = B._ray_section(quick=True)
+    assert section["available"] is False and "ray bench unavailable" in section["reason"]
+
+
+def test_quick_bench_json_has_every_documented_number(capsys):
+    assert B.run_bench(quick=True, as_json=True, with_ray=False) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["mode"] == "quick" and results["correctness"]["ok"]
+    assert set(results["scales"]) == {s.name for s in B.QUICK_SCALES}
+    for name, scale in results["scales"].items():
+        for key in SCALE_KEYS:
+            value = scale[key]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, key, value)
+        assert scale["memory_ratio_4T"] >= scale["memory_temp_ratio_4T"] - 1e-9  # task data grow with T
+    table = B.format_table(results)
+    assert "engine / GEMM" in table and "memory ratio 4T/T" in table

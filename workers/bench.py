@@ -1,0 +1,808 @@
+"""``blur bench``: the evaluation engine against the machine's GEMM rate and PyTorch, in one run (DESIGN §7).
+
+For each scale the bench measures, interleaved round by round so that every ratio compares numbers taken
+under the same machine load:
+
+* the float32 GEMM rate of the machine: a jitted JAX matmul of two large square matrices (and ``torch.mm``);
+* the engine (:func:`workers.engine.evaluate`: fresh synapses, T inner steps, query scores for a population
+  of P genomes on K tasks): canonical GFLOP/s (``canonical_flops × P × K × T / time``) and inner steps/s
+  (``P·K·T / time``);
+* the same math in PyTorch, vectorized over the population: all ``P·K`` networks in one set of tensors with
+  the engine's state-axis-first layout, every product one ``torch.bmm`` / ``baddbmm_`` over ``P·K·k``
+  batches, in-place updates into reused buffers, ``torch.no_grad`` (:func:`torch_step`);
+* a per-genome PyTorch loop: a Python loop over genomes and tasks that trains one network at a time with
+  the same step function (``P·K = 1``).
+
+No pass reads the backward block of layer 0 (the backward pass stops at layer 1), and XLA drops its update
+from the engine's compiled scan as dead code. The timed PyTorch runs skip it as well, so all three do the
+same work; ``torch_vectorized_all_blocks`` is the PyTorch step that updates every block, as
+:func:`genome.step` does, for reference.
+
+Before timing, the bench checks on a small case that both PyTorch versions compute the synapses of
+:func:`genome.step` (float32 tolerance); a mismatch fails the run (exit 1).
+
+Memory: ``memory_analysis()`` of the compiled engine at T and 4T inner steps, ``memory_ratio_4T`` on temp +
+argument + output bytes (the argument bytes include the task data, which hold T support batches and so grow
+with T) and ``memory_temp_ratio_4T`` on the engine's working memory alone. Process RSS is not reported: the
+peak growth of identical warm calls varies from 0 to the full working set (XLA and malloc reuse freed
+buffers), so it does not measure the engine.
+
+Scales (``--quick`` keeps the network shapes and shrinks P, K, T and the repeats):
+
+========  ============  ====  =====  =====  ====
+scale     network       B     P      K      T
+========  ============  ====  =====  =====  ====
+digits    64-32-10      32    64     8      20
+paper     196-512-10    128   16     4      8
+========  ============  ====  =====  =====  ====
+
+The paper's CMA-ES runs use far larger populations; P=16, K=4 keeps one engine call at a few seconds on a
+small CPU while every product is already the full paper size (batched over 128 networks × 2 states).
+Network: k = 2, tanh forward and backward activations, identity output, additive backward update, ``target``
+feedback, no synapse normalization (the canonical math only). Data are random normal inputs and random
+labels: the bench measures speed, not learning.
+
+Every rate uses the canonical FLOP count (DESIGN §3: forward, backward and both Hebbian products on every
+layer), so the cross ratios are exact ratios of inner steps/s. The products an episode really needs are
+``executed_flops_per_step`` (:func:`executed_flops`; about half the canonical count at paper scale, where
+the first layer dominates), so ``engine_vs_gemm`` overstates the engine's share of the GEMM rate by
+``canonical / executed``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import genome as G
+from workers import engine as E
+from workers.task_types import Task
+
+#: tolerance of the PyTorch-vs-JAX check: max |synapse change difference| / max |JAX synapse change|, float32
+CHECK_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One benchmark configuration. ``loop_population`` genomes (× all tasks) go through the per-genome
+    loop; its rate is per inner step, so a subset measures it as well as the whole population."""
+
+    name: str
+    layer_sizes: tuple[int, ...]
+    batch_size: int
+    population: int
+    tasks: int
+    steps: int
+    loop_population: int
+    query: int = 64
+    num_states: int = 2
+
+
+FULL_SCALES = (
+    Scale("digits", (64, 32, 10), batch_size=32, population=64, tasks=8, steps=20, loop_population=16),
+    Scale("paper", (196, 512, 10), batch_size=128, population=16, tasks=4, steps=8, loop_population=16),
+)
+QUICK_SCALES = (
+    Scale("digits", (64, 32, 10), batch_size=32, population=16, tasks=4, steps=4, loop_population=4),
+    Scale("paper", (196, 512, 10), batch_size=128, population=4, tasks=2, steps=2, loop_population=4),
+)
+FULL_ROUNDS, QUICK_ROUNDS = 3, 2
+FULL_GEMM_SIZE, QUICK_GEMM_SIZE = 2048, 1024
+
+
+def bench_spec(scale: Scale) -> G.NetworkSpec:
+    return G.NetworkSpec(scale.layer_sizes, num_states=scale.num_states, forward_activation="tanh",
+                         output_activation="identity", backward_activation="tanh", backward_update="additive",
+                         feedback="target")
+
+
+def executed_flops(spec: G.NetworkSpec, batch_size: int) -> int:
+    """FLOPs of the products an episode's inner step really needs: the forward product and the forward
+    Hebbian product on every layer, the backward product and backward Hebbian product on layers >= 1 (the
+    backward pass stops at layer 1, so nothing reads layer 0's backward block). The k×k mixes are left out."""
+    k, b = spec.num_states, batch_size
+    total = 0
+    for layer, (n_in, n_out) in enumerate(zip(spec.layer_sizes[:-1], spec.layer_sizes[1:])):
+        total += 2 * 2 * b * k * (n_in + 1) * n_out
+        total += 2 * 2 * b * k * n_out * n_in if layer >= 1 else 0
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch
+
+
+class TorchGenomes(NamedTuple):
+    """The genome fields the bench's PyTorch step uses, one row per network: matrices ``[N, k, k]``,
+    scalars ``[N]``."""
+
+    forward_transform: torch.Tensor
+    backward_transform: torch.Tensor
+    pre_transform: torch.Tensor
+    post_transform: torch.Tensor
+    neuron_keep: torch.Tensor
+    neuron_update: torch.Tensor
+    synapse_keep: torch.Tensor
+    synapse_update: torch.Tensor
+
+    def select(self, index: slice) -> "TorchGenomes":
+        return TorchGenomes(*(t[index] for t in self))
+
+
+_TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda s: s,
+    "relu": torch.relu_,
+    "leaky_relu": lambda s: torch.nn.functional.leaky_relu_(s, 0.01),
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "elu": torch.nn.functional.elu_,
+}
+
+
+def check_torch_support(spec: G.NetworkSpec) -> None:
+    """The bench's PyTorch step covers the plain rule: elementwise activations, no symmetric flags,
+    normalization, Oja or saturation."""
+    unsupported = [name for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation")
+                   if getattr(spec, name)]
+    unsupported += [name for name in ("forward_activation", "output_activation", "backward_activation")
+                    if getattr(spec, name) not in _TORCH_ACTIVATIONS]
+    if spec.synapse_normalization != "none":
+        unsupported.append("synapse_normalization")
+    if unsupported:
+        raise ValueError(f"the bench's PyTorch step does not implement {', '.join(unsupported)}")
+
+
+def torch_genomes(spec: G.NetworkSpec, vectors: jax.Array, repeats: int = 1) -> TorchGenomes:
+    """Genome vectors ``[P, D]`` -> :class:`TorchGenomes` with each genome repeated ``repeats`` times
+    (network ``p·repeats + r`` belongs to genome ``p``)."""
+    genomes = jax.vmap(G.unravel, (None, 0))(spec, jnp.asarray(vectors, jnp.float32))
+    fields = [np.array(getattr(genomes, name), np.float32) for name in TorchGenomes._fields]
+    return TorchGenomes(*(torch.from_numpy(f).repeat_interleave(repeats, dim=0).contiguous() for f in fields))
+
+
+class Workspace:
+    """Output buffers reused from step to step, keyed by name and shape. A fresh tensor of more than
+    glibc's mmap threshold (32 MiB at most) is a fresh ``mmap`` whose pages fault in on first touch, which
+    on a small CPU costs several times the arithmetic that fills it (paper scale: 7 ms against 1 ms for a
+    [64, 2, 128, 512] mix); a warm step with a workspace allocates nothing large."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        key = (name, tuple(shape))
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(key[1])
+        return self._buffers[key]
+
+
+def _mix(a: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Σ_d a[:, d] · matrix[:, d, c]`` for networks ``a [N, k, ...]``, ``matrix [N, k, k]``, written into
+    ``out [N, k, ...]``: k broadcast multiply-adds (k is tiny)."""
+    n, k = matrix.shape[:2]
+    column = (n, k) + (1,) * (a.dim() - 2)
+    torch.mul(matrix[:, 0].reshape(column), a[:, :1], out=out)
+    for d in range(1, k):
+        out.addcmul_(matrix[:, d].reshape(column), a[:, d : d + 1])
+    return out
+
+
+def _mix_with_bias(a: torch.Tensor, matrix: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``Σ_d ā[:, d] · matrix[:, d, c]``: the mix with the bias unit appended as the last neuron, written into
+    ``out [N, k, B, n + 1]``. The bias unit is 1 in every state, so its mix is ``Σ_d matrix[:, d, c]``."""
+    n = a.shape[-1]
+    _mix(a, matrix, out=out[..., :n])
+    out[..., n] = matrix.sum(dim=1)[:, :, None]
+    return out
+
+
+def _forward(spec: G.NetworkSpec, g: TorchGenomes, forward: Sequence[torch.Tensor], x: torch.Tensor,
+             ws: Workspace) -> list[torch.Tensor]:
+    """Forward pass of N networks from all-zero neurons; ``x [K, B, n_in]`` is shared by the ``N / K`` genomes
+    (network ``p·K + t`` sees task ``t``). Returns the neuron states ``[N, k, B, n_l]`` of every layer."""
+    num_networks, k = g.forward_transform.shape[:2]
+    num_tasks, batch, n_in = x.shape
+    a = ws("input", (num_networks, k, batch, n_in)).zero_()
+    a.view(num_networks // num_tasks, num_tasks, k, batch, n_in)[:, :, 0] = x
+    states = [a]
+    for layer, w in enumerate(forward):
+        n, n_out = states[-1].shape[-1], w.shape[-1]
+        mixed = _mix_with_bias(states[-1], g.forward_transform, ws("mixed", (num_networks, k, batch, n + 1)))
+        delta = ws(f"forward{layer}", (num_networks, k, batch, n_out))  # Σ_i Σ_d ā[b,i,d] ν[d,c] W[i,j,c]
+        torch.bmm(mixed.view(num_networks * k, batch, n + 1), w.view(num_networks * k, n + 1, n_out),
+                  out=delta.view(num_networks * k, batch, n_out))
+        s = delta.mul_(g.neuron_update.view(-1, 1, 1, 1))
+        is_output = layer == spec.num_layers - 1
+        states.append(_TORCH_ACTIVATIONS[spec.output_activation if is_output else spec.forward_activation](s))
+    return states
+
+
+def _feedback(spec: G.NetworkSpec, output: torch.Tensor, y: torch.Tensor) -> None:
+    """Write the label signal into the last layer in place (DESIGN §2 step 2); ``y [K, B]``."""
+    num_networks, k, batch, n_out = output.shape
+    onehot = torch.nn.functional.one_hot(y.long(), n_out).to(output.dtype)  # [K, B, n_out]
+    grouped = output.view(num_networks // y.shape[0], y.shape[0], k, batch, n_out)
+    if spec.feedback == "target":
+        signal = 2.0 * onehot - 1.0
+    elif spec.feedback == "error_mse":
+        signal = grouped[:, :, 0] - onehot
+    else:  # error_cross_entropy
+        signal = torch.softmax(grouped[:, :, 0], dim=-1) - onehot
+    grouped[:, :, min(1, k - 1)] = signal
+    grouped[:, :, 2:] = 0.0
+
+
+def _backward(spec: G.NetworkSpec, g: TorchGenomes, backward: Sequence[torch.Tensor], states: list[torch.Tensor],
+              ws: Workspace) -> None:
+    """Backward pass l = L-1 .. 1, replacing ``states[l]`` (DESIGN §2 step 3)."""
+    num_networks, k = g.backward_transform.shape[:2]
+    f, eta = g.neuron_keep.view(-1, 1, 1, 1), g.neuron_update.view(-1, 1, 1, 1)
+    act_b = _TORCH_ACTIVATIONS[spec.backward_activation]
+    for layer in range(spec.num_layers - 1, 0, -1):
+        a_out, a = states[layer + 1], states[layer]
+        batch, n_out, n = a_out.shape[2], a_out.shape[3], a.shape[3]
+        mixed = _mix(a_out, g.backward_transform, ws("mixed", a_out.shape))  # Σ_d a^{l+1}[b,j,d] µ[d,c]
+        delta = ws(f"backward{layer}", a.shape)  # Σ_j Σ_d a^{l+1}[b,j,d] µ[d,c] V[j,i,c]
+        torch.bmm(mixed.view(num_networks * k, batch, n_out), backward[layer].view(num_networks * k, n_out, n),
+                  out=delta.view(num_networks * k, batch, n))
+        if spec.backward_update == "additive":
+            states[layer] = act_b(delta.mul_(eta).addcmul_(a, f))
+        elif spec.backward_update == "multiplicative":
+            states[layer] = act_b(delta.mul_(a).mul_(f))
+        else:  # multiplicative_second_state: state 0 kept
+            states[layer] = torch.cat([a[:, :1], act_b(delta[:, 1:].mul_(a[:, 1:]).mul_(f))], dim=1)
+
+
+def _hebbian_update(spec: G.NetworkSpec, g: TorchGenomes, forward: Sequence[torch.Tensor],
+                    backward: Sequence[torch.Tensor], states: list[torch.Tensor], ws: Workspace,
+                    update_input_backward: bool) -> None:
+    """``W ← f̃·W + η̃·H`` for every block, in place (DESIGN §2 step 4). ``η̃`` (and the batch scale) multiply
+    the small post-synaptic operand, so each block is one ``mul_`` and one ``baddbmm_``. Without
+    ``update_input_backward`` the backward block of layer 0 is left alone (see :func:`torch_step`)."""
+    num_networks, k = g.pre_transform.shape[:2]
+    batch = states[0].shape[2]
+    scale = 1.0 / batch if spec.batch_reduction == "mean" else 1.0
+    keep = g.synapse_keep.view(-1, 1, 1, 1)
+    rate = (g.synapse_update * scale).view(-1, 1, 1, 1)
+    post_transform = g.post_transform.transpose(1, 2)  # Σ_d µ̃[o, d] a[d] = mix with µ̃ᵀ
+    nk = num_networks * k
+    for layer in range(spec.num_layers):
+        a_in, a_out = states[layer], states[layer + 1]
+        n_in, n_out = a_in.shape[3], a_out.shape[3]
+        pre = _mix_with_bias(a_in, g.pre_transform, ws("pre", (num_networks, k, batch, n_in + 1)))  # ā^l ν̃
+        post = _mix(a_out, post_transform, ws("post", a_out.shape)).mul_(rate)  # η̃ · Σ_d µ̃[o,d] a^{l+1}[d]
+        w = forward[layer].mul_(keep)
+        w.view(nk, n_in + 1, n_out).baddbmm_(pre.view(nk, batch, n_in + 1).transpose(1, 2),
+                                             post.view(nk, batch, n_out))
+        if layer == 0 and not update_input_backward:
+            continue
+        pre_b = _mix(a_out, g.pre_transform, ws("pre_b", a_out.shape))
+        post_b = _mix(a_in, post_transform, ws("post_b", a_in.shape)).mul_(rate)
+        v = backward[layer].mul_(keep)
+        v.view(nk, n_out, n_in).baddbmm_(pre_b.view(nk, batch, n_out).transpose(1, 2), post_b.view(nk, batch, n_in))
+
+
+@torch.no_grad()
+def torch_step(spec: G.NetworkSpec, g: TorchGenomes, forward: list[torch.Tensor], backward: list[torch.Tensor],
+               x: torch.Tensor, y: torch.Tensor, workspace: Workspace | None = None,
+               update_input_backward: bool = True) -> None:
+    """One BLUR inner step of N networks at once, updating the synapse tensors in place.
+
+    Layout as in :mod:`genome.network` with a leading network axis: ``forward[l] [N, k, n_l + 1, n_{l+1}]``,
+    ``backward[l] [N, k, n_{l+1}, n_l]``; ``x [K, B, n_in]`` and ``y [K, B]`` are the batches of K tasks,
+    network ``p·K + t`` (genome p) trains on task t. With N = K = 1 this is one network. Pass the same
+    ``workspace`` to every step to reuse its buffers.
+
+    ``update_input_backward=False`` skips the update of ``backward[0]``: no pass reads that block (the
+    backward pass stops at layer 1), so an episode's neuron states and query scores do not depend on it.
+    XLA removes the same dead update from the engine's compiled scan; the timed PyTorch runs skip it too.
+    """
+    ws = workspace if workspace is not None else Workspace()
+    states = _forward(spec, g, forward, x, ws)
+    _feedback(spec, states[-1], y)
+    _backward(spec, g, backward, states, ws)
+    _hebbian_update(spec, g, forward, backward, states, ws, update_input_backward)
+
+
+def torch_init_synapses(spec: G.NetworkSpec, num_networks: int, generator: torch.Generator
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Fresh synapses ~ N(0, spec.synapse_init_std²) for N networks (the torch side's episode start). Drawn
+    network by network, so N networks at once get the same values as N one-network calls in a row."""
+    k, std = spec.num_states, spec.synapse_init_std
+    shapes = [((k, n_in + 1, n_out), (k, n_out, n_in)) for n_in, n_out in zip(spec.layer_sizes[:-1],
+                                                                             spec.layer_sizes[1:])]
+    forward = [torch.empty((num_networks,) + f) for f, _ in shapes]
+    backward = [torch.empty((num_networks,) + b) for _, b in shapes]
+    for network in range(num_networks):
+        for w, v in zip(forward, backward):
+            w[network].normal_(generator=generator)
+            v[network].normal_(generator=generator)
+    for block in forward + backward:
+        block.mul_(std)
+    return forward, backward
+
+
+@torch.no_grad()
+def torch_query_scores(spec: G.NetworkSpec, g: TorchGenomes, forward: Sequence[torch.Tensor], x: torch.Tensor,
+                       y: torch.Tensor, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query accuracy and cross-entropy of state 0 of the last layer, ``[N]`` each."""
+    logits = _forward(spec, g, forward, x, workspace if workspace is not None else Workspace())[-1][:, 0]
+    labels = y.long().repeat(logits.shape[0] // y.shape[0], 1)  # [N, Q]
+    cross_entropy = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+    accuracy = (logits.argmax(-1) == labels).float().mean(1)
+    return accuracy, cross_entropy
+
+
+def torch_episodes_vectorized(spec: G.NetworkSpec, g: TorchGenomes, tasks: Task, generator: torch.Generator,
+                              workspace: Workspace | None = None, update_input_backward: bool = False,
+                              initial: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
+                              ) -> torch.Tensor:
+    """All P·K episodes at once: fresh synapses (or copies of ``initial``), T steps, query cross-entropy
+    ``[P·K]`` (genome-major). ``tasks`` hold torch tensors."""
+    ws = workspace if workspace is not None else Workspace()
+    if initial is None:
+        forward, backward = torch_init_synapses(spec, g.forward_transform.shape[0], generator)
+    else:
+        forward, backward = [b.clone() for b in initial[0]], [b.clone() for b in initial[1]]
+    for t in range(tasks.support_x.shape[1]):
+        torch_step(spec, g, forward, backward, tasks.support_x[:, t], tasks.support_y[:, t], ws,
+                   update_input_backward)
+    return torch_query_scores(spec, g, forward, tasks.query_x, tasks.query_y, ws)[1]
+
+
+def torch_episodes_loop(spec: G.NetworkSpec, g: TorchGenomes, tasks: Task, generator: torch.Generator,
+                        num_genomes: int, workspace: Workspace | None = None) -> list[float]:
+    """The first ``num_genomes`` genomes × all K tasks, one network at a time (a Python loop); query
+    cross-entropies in loop order. Like the timed vectorized runs, skips the dead ``backward[0]`` update."""
+    ws = workspace if workspace is not None else Workspace()
+    num_tasks = tasks.support_x.shape[0]
+    losses = []
+    for p in range(num_genomes):
+        genome = g.select(slice(p * num_tasks, p * num_tasks + 1))
+        for task in range(num_tasks):
+            forward, backward = torch_init_synapses(spec, 1, generator)
+            for t in range(tasks.support_x.shape[1]):
+                torch_step(spec, genome, forward, backward, tasks.support_x[task : task + 1, t],
+                           tasks.support_y[task : task + 1, t], ws, update_input_backward=False)
+            one = slice(task, task + 1)
+            losses.append(float(torch_query_scores(spec, genome, forward, tasks.query_x[one], tasks.query_y[one],
+                                                   ws)[1]))
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------- correctness
+
+
+def check_torch_matches_jax(spec: G.NetworkSpec, num_genomes: int = 3, num_tasks: int = 2, batch_size: int = 8,
+                            num_steps: int = 3, seed: int = 0) -> dict[str, float]:
+    """Train the same networks with :func:`genome.step` (JAX), the vectorized PyTorch step and the
+    per-genome PyTorch loop from the same synapses and batches; return, for each PyTorch version, the max
+    difference of the synapse changes (final - initial, all blocks) relative to the largest JAX change.
+    Comparing changes rather than synapses keeps the check sharp when ``η̃`` is small."""
+    check_torch_support(spec)
+    key = jax.random.key(seed)
+    genome_key, synapse_key, x_key, y_key = jax.random.split(key, 4)
+    vectors = _genome_vectors(spec, genome_key, num_genomes)
+    synapse_keys = jax.random.split(synapse_key, num_genomes * num_tasks)
+    synapses = jax.vmap(lambda k: G.init_synapses(spec, k))(synapse_keys)  # leading axis P·K
+    xs = jax.random.normal(x_key, (num_tasks, num_steps, batch_size, spec.num_inputs))
+    ys = jax.random.randint(y_key, (num_tasks, num_steps, batch_size), 0, spec.num_outputs)
+
+    def train(vector, synapse, x, y):
+        genome = G.unravel(spec, vector)
+        return jax.lax.scan(lambda s, xy: (G.step(spec, genome, s, *xy), None), synapse, (x, y))[0]
+
+    per_network = jax.vmap(train)(jnp.repeat(vectors, num_tasks, axis=0), synapses,
+                                  jnp.tile(xs, (num_genomes, 1, 1, 1)), jnp.tile(ys, (num_genomes, 1, 1)))
+    reference = [np.asarray(b) for b in (*per_network.forward, *per_network.backward)]
+
+    g = torch_genomes(spec, vectors, repeats=num_tasks)
+    tx, ty = torch.from_numpy(np.array(xs)), torch.from_numpy(np.array(ys))
+    fresh = [torch.from_numpy(np.array(b)) for b in (*synapses.forward, *synapses.backward)]
+    num_layers = spec.num_layers
+
+    forward, backward = [b.clone() for b in fresh[:num_layers]], [b.clone() for b in fresh[num_layers:]]
+    workspace = Workspace()
+    for t in range(num_steps):
+        torch_step(spec, g, forward, backward, tx[:, t], ty[:, t], workspace)
+    vectorized = [b.numpy() for b in (*forward, *backward)]
+
+    looped = [np.empty_like(b) for b in reference]
+    for network in range(num_genomes * num_tasks):
+        task = network % num_tasks
+        one = slice(network, network + 1)
+        forward, backward = [b[one].clone() for b in fresh[:num_layers]], [b[one].clone() for b in fresh[num_layers:]]
+        for t in range(num_steps):
+            torch_step(spec, g.select(one), forward, backward, tx[task : task + 1, t], ty[task : task + 1, t],
+                       workspace)
+        for block, out in zip((*forward, *backward), looped):
+            out[network] = block[0].numpy()
+
+    initial = [np.asarray(b) for b in fresh]
+    change = [r - i for r, i in zip(reference, initial)]
+    scale = max(float(np.max(np.abs(c))) for c in change)
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError("the check case does not change the synapses; pick another genome or seed")
+
+    def relative_error(blocks: list[np.ndarray]) -> float:
+        return max(float(np.max(np.abs((b - i) - c))) for b, i, c in zip(blocks, initial, change)) / scale
+
+    return {"torch_vectorized_max_rel_err": relative_error(vectorized),
+            "torch_loop_max_rel_err": relative_error(looped)}
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+def _genome_vectors(spec: G.NetworkSpec, key: jax.Array, count: int) -> jax.Array:
+    return jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k, transform_std=0.5)))(jax.random.split(key, count))
+
+
+def _random_tasks(scale: Scale, spec: G.NetworkSpec, num_steps: int, seed: int) -> Task:
+    rng = np.random.default_rng(seed)
+    k, b, q = scale.tasks, scale.batch_size, scale.query
+    return Task(
+        rng.standard_normal((k, num_steps, b, spec.num_inputs), dtype=np.float32),
+        rng.integers(0, spec.num_outputs, (k, num_steps, b), dtype=np.int32),
+        rng.standard_normal((k, q, spec.num_inputs), dtype=np.float32),
+        rng.integers(0, spec.num_outputs, (k, q), dtype=np.int32),
+    )
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _gemm_rates(size: int, repeats: int = 3) -> tuple[float, float]:
+    """float32 GEMM GFLOP/s of JAX (jit matmul) and torch.mm on ``size``² matrices (median of repeats)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    jax_time = statistics.median(_seconds(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
+    torch.mm(ta, tb)
+    torch_time = statistics.median(_seconds(lambda: torch.mm(ta, tb)) for _ in range(repeats))
+    flops = 2.0 * size**3
+    return flops / jax_time / 1e9, flops / torch_time / 1e9
+
+
+def _compiled_memory(spec, vectors, tasks, keys, config) -> dict[str, int]:
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), (vectors, tasks, keys))
+    stats = E._evaluate.lower(spec, *shapes, config).compile().memory_analysis()
+    total = (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+             - stats.alias_size_in_bytes)
+    return {"temp": int(stats.temp_size_in_bytes), "argument": int(stats.argument_size_in_bytes), "total": int(total)}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure one scale; see the module docstring. Rates are medians over ``rounds`` interleaved rounds and
+    each ratio is the median of the per-round ratios."""
+    spec = bench_spec(scale)
+    check_torch_support(spec)
+    key = jax.random.key(0)
+    vectors = _genome_vectors(spec, key, scale.population)
+    tasks = _random_tasks(scale, spec, scale.steps, seed=1)
+    keys = jax.random.split(jax.random.key(2), scale.tasks)
+    jax_tasks = Task(*(jnp.asarray(a) for a in tasks))
+    torch_tasks = Task(*(torch.from_numpy(a) for a in tasks))
+    g = torch_genomes(spec, vectors, repeats=scale.tasks)
+    generator = torch.Generator().manual_seed(0)
+    vectorized_workspace, loop_workspace = Workspace(), Workspace()
+
+    config = E.EpisodeConfig(num_steps=scale.steps)
+
+    def run_engine() -> None:
+        jax.block_until_ready(E.evaluate(spec, vectors, jax_tasks, keys, config))
+
+    log(f"{scale.name}: compiling the engine")
+    memory_t = _compiled_memory(spec, vectors, jax_tasks, keys, config)  # compiles what run_engine calls
+    run_engine()
+
+    def run_torch_vectorized() -> None:
+        torch_episodes_vectorized(spec, g, torch_tasks, generator, vectorized_workspace)
+
+    def run_torch_vectorized_all_blocks() -> None:
+        torch_episodes_vectorized(spec, g, torch_tasks, generator, vectorized_workspace, update_input_backward=True)
+
+    def run_torch_loop() -> None:
+        torch_episodes_loop(spec, g, torch_tasks, generator, scale.loop_population, loop_workspace)
+
+    run_torch_vectorized()  # warm-up: buffers, thread pools
+    torch_episodes_loop(spec, g, torch_tasks, generator, 1, loop_workspace)
+
+    episodes = scale.population * scale.tasks
+    loop_episodes = scale.loop_population * scale.tasks
+    canonical = E.canonical_flops(spec, scale.batch_size)
+    methods = ("engine", "torch_vectorized", "torch_vectorized_all_blocks", "torch_loop")
+    samples: dict[str, list[float]] = {name: [] for name in ("gemm_jax", "gemm_torch") + methods}
+    for round_index in range(rounds):
+        log(f"{scale.name}: round {round_index + 1}/{rounds}")
+        gemm_jax, gemm_torch = _gemm_rates(gemm_size)
+        samples["gemm_jax"].append(gemm_jax)
+        samples["gemm_torch"].append(gemm_torch)
+        samples["engine"].append(episodes * scale.steps / _seconds(run_engine))
+        samples["torch_vectorized"].append(episodes * scale.steps / _seconds(run_torch_vectorized))
+        samples["torch_vectorized_all_blocks"].append(
+            episodes * scale.steps / _seconds(run_torch_vectorized_all_blocks))
+        samples["torch_loop"].append(loop_episodes * scale.steps / _seconds(run_torch_loop))
+
+    def per_round_ratio(numerator: str, denominator: str, flops_denominator: bool = False) -> float:
+        ratios = [n * (canonical / 1e9 if flops_denominator else 1.0) / d
+                  for n, d in zip(samples[numerator], samples[denominator])]
+        return statistics.median(ratios)
+
+    steps_per_s = {name: statistics.median(samples[name]) for name in methods}
+    gflops = {name: rate * canonical / 1e9 for name, rate in steps_per_s.items()}
+
+    log(f"{scale.name}: memory at T={scale.steps} and 4T={4 * scale.steps}")
+    tasks_4t = _random_tasks(scale, spec, 4 * scale.steps, seed=3)  # only its shapes are used
+    memory_4t = _compiled_memory(spec, vectors, tasks_4t, keys, E.EpisodeConfig(num_steps=4 * scale.steps))
+
+    return {
+        "layer_sizes": list(scale.layer_sizes),
+        "num_states": scale.num_states,
+        "batch_size": scale.batch_size,
+        "population": scale.population,
+        "tasks": scale.tasks,
+        "steps": scale.steps,
+        "loop_population": scale.loop_population,
+        "rounds": rounds,
+        "canonical_flops_per_step": canonical,
+        "executed_flops_per_step": executed_flops(spec, scale.batch_size),
+        "gemm_jax_gflops": statistics.median(samples["gemm_jax"]),
+        "gemm_torch_gflops": statistics.median(samples["gemm_torch"]),
+        "engine_gflops": gflops["engine"],
+        "engine_steps_per_s": steps_per_s["engine"],
+        "torch_vectorized_gflops": gflops["torch_vectorized"],
+        "torch_vectorized_steps_per_s": steps_per_s["torch_vectorized"],
+        "torch_vectorized_all_blocks_gflops": gflops["torch_vectorized_all_blocks"],
+        "torch_vectorized_all_blocks_steps_per_s": steps_per_s["torch_vectorized_all_blocks"],
+        "torch_loop_gflops": gflops["torch_loop"],
+        "torch_loop_steps_per_s": steps_per_s["torch_loop"],
+        "engine_vs_gemm": per_round_ratio("engine", "gemm_jax", flops_denominator=True),
+        "engine_vs_torch_gemm": per_round_ratio("engine", "gemm_torch", flops_denominator=True),
+        "engine_vs_torch_vectorized": per_round_ratio("engine", "torch_vectorized"),
+        "engine_vs_torch_vectorized_all_blocks": per_round_ratio("engine", "torch_vectorized_all_blocks"),
+        "engine_vs_torch_loop": per_round_ratio("engine", "torch_loop"),
+        "memory_bytes_T": memory_t["total"],
+        "memory_bytes_4T": memory_4t["total"],
+        "memory_ratio_4T": memory_4t["total"] / memory_t["total"],
+        "memory_temp_bytes_T": memory_t["temp"],
+        "memory_temp_bytes_4T": memory_4t["temp"],
+        "memory_temp_ratio_4T": _ratio(memory_4t["temp"], memory_t["temp"]),
+        "samples_steps_per_s": {name: samples[name] for name in methods},
+        "samples_gemm_jax_gflops": samples["gemm_jax"],
+    }
+
+
+def _ray_section(quick: bool) -> dict[str, Any]:
+    """``workers.ray.bench_ray`` on digits tasks (64-32-3, the main job's network), or why it is unavailable."""
+    try:
+        module = importlib.import_module("workers.ray")
+    except ImportError as error:
+        return {"available": False, "reason": f"ray bench unavailable ({error})"}
+    bench_ray = getattr(module, "bench_ray", None)
+    if bench_ray is None:
+        return {"available": False, "reason": "ray bench unavailable (workers.ray has no bench_ray)"}
+    from workers.tasks import TaskConfig
+
+    scale = (QUICK_SCALES if quick else FULL_SCALES)[0]
+    spec = bench_spec(scale).replace(layer_sizes=scale.layer_sizes[:-1] + (3,))
+    task_config = TaskConfig(family="digits", n_way=3, batch_size=scale.batch_size)
+    try:
+        result = bench_ray(spec, task_config, E.EpisodeConfig(num_steps=scale.steps), (1, 2),
+                           population_size=scale.population, num_tasks=scale.tasks, num_steps=scale.steps,
+                           repeats=2 if quick else 5)
+    except Exception as error:  # noqa: BLE001 - reported in the output; the exit code says it failed
+        return {"available": True, "error": f"{type(error).__name__}: {error}"}
+    return {"available": True, "result": result}
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": _load_average(),
+    }
+
+
+def _load_average() -> list[float] | None:
+    """1/5/15-minute load averages: a bench on a busy machine (load near the core count) is not reliable,
+    PyTorch's OpenMP threads in particular slow down many-fold when they share cores."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def collect(quick: bool, with_ray: bool, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Run the whole bench and return its results as one JSON-ready dict."""
+    scales = QUICK_SCALES if quick else FULL_SCALES
+    rounds = QUICK_ROUNDS if quick else FULL_ROUNDS
+    gemm_size = QUICK_GEMM_SIZE if quick else FULL_GEMM_SIZE
+    log("checking that the PyTorch step matches genome.step")
+    check = check_torch_matches_jax(bench_spec(scales[0]))
+    check["tolerance"] = CHECK_TOLERANCE
+    check["ok"] = max(check["torch_vectorized_max_rel_err"], check["torch_loop_max_rel_err"]) <= CHECK_TOLERANCE
+    results: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "machine": machine_info(),
+        "gemm_size": gemm_size,
+        "correctness": check,
+        "scales": {},
+    }
+    if check["ok"]:
+        for scale in scales:
+            results["scales"][scale.name] = bench_scale(scale, rounds, gemm_size, log)
+    if with_ray:
+        log("ray")
+        results["ray"] = _ray_section(quick)
+    results["load_average_after"] = _load_average()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+_TARGETS = {"engine_vs_gemm": 0.5, "engine_vs_torch_vectorized": 1.5, "engine_vs_torch_loop": 10.0,
+            "memory_ratio_4T": 1.1}
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"blur bench ({results['mode']}): {machine['cpu']}, {machine['cpu_count']} cores; jax {machine['jax']} "
+        f"({machine['jax_backend']}), torch {machine['torch']} ({machine['torch_threads']} threads)",
+    ]
+    load = (machine.get("load_average") or [None])[0], (results.get("load_average_after") or [None])[0]
+    lines.append(f"load average (1 min) before / after: {load[0]} / {load[1]}")
+    busiest = max((v for v in load if v is not None), default=0.0)
+    if machine.get("cpu_count") and busiest > 0.75 * machine["cpu_count"] + 1:
+        lines.append(f"warning: other work was running (load {busiest} on {machine['cpu_count']} cores); PyTorch's "
+                     "OpenMP threads slow down many-fold when they share cores, so its ratios are unreliable")
+    check = results["correctness"]
+    lines.append(f"PyTorch step vs genome.step (max rel. error of synapses): vectorized "
+                 f"{check['torch_vectorized_max_rel_err']:.1e}, loop {check['torch_loop_max_rel_err']:.1e} "
+                 f"(tolerance {check['tolerance']:.0e}) -> {'ok' if check['ok'] else 'MISMATCH'}")
+    scales = results["scales"]
+    if scales:
+        names = list(scales)
+        rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+            ("network", lambda s: "-".join(map(str, s["layer_sizes"])) + f", k={s['num_states']}"),
+            ("B / P / K / T", lambda s: f"{s['batch_size']} / {s['population']} / {s['tasks']} / {s['steps']}"),
+            ("canonical MFLOP per inner step", lambda s: f"{s['canonical_flops_per_step'] / 1e6:.2f}"),
+            (f"GEMM {results['gemm_size']}² jax GFLOP/s", lambda s: f"{s['gemm_jax_gflops']:.1f}"),
+            (f"GEMM {results['gemm_size']}² torch GFLOP/s", lambda s: f"{s['gemm_torch_gflops']:.1f}"),
+            ("engine GFLOP/s", lambda s: f"{s['engine_gflops']:.1f}"),
+            ("engine inner steps/s", lambda s: f"{s['engine_steps_per_s']:.0f}"),
+            ("torch vectorized GFLOP/s", lambda s: f"{s['torch_vectorized_gflops']:.1f}"),
+            ("torch vectorized inner steps/s", lambda s: f"{s['torch_vectorized_steps_per_s']:.0f}"),
+            ("  all blocks (V_0 update too) GFLOP/s", lambda s: f"{s['torch_vectorized_all_blocks_gflops']:.1f}"),
+            ("torch loop GFLOP/s", lambda s: f"{s['torch_loop_gflops']:.1f}"),
+            ("torch loop inner steps/s", lambda s: f"{s['torch_loop_steps_per_s']:.0f}"),
+            ("engine / GEMM (target >= 0.5)", lambda s: _number(s["engine_vs_gemm"])),
+            ("engine / torch vectorized (>= 1.5)", lambda s: _number(s["engine_vs_torch_vectorized"])),
+            ("  engine / torch vectorized, all blocks", lambda s: _number(s["engine_vs_torch_vectorized_all_blocks"])),
+            ("engine / torch loop (>= 10)", lambda s: _number(s["engine_vs_torch_loop"], 1)),
+            ("memory at T, MiB (temp+args+out)", lambda s: _mib(s["memory_bytes_T"])),
+            ("memory at 4T, MiB", lambda s: _mib(s["memory_bytes_4T"])),
+            ("memory ratio 4T/T (<= 1.1)", lambda s: _number(s["memory_ratio_4T"], 3)),
+            ("  temp only: ratio 4T/T", lambda s: _number(s["memory_temp_ratio_4T"], 3)),
+        ]
+        width = max(len(label) for label, _ in rows) + 2
+        column = max(20, *(len(render(scales[n])) + 2 for n in names for _, render in rows))
+        lines.append("")
+        lines.append("".ljust(width) + "".join(n.rjust(column) for n in names))
+        for label, render in rows:
+            lines.append(label.ljust(width) + "".join(render(scales[n]).rjust(column) for n in names))
+        lines.append("")
+        lines.append("Ratios are medians of per-round ratios (each round measures everything once, interleaved).")
+    if "ray" in results:
+        ray = results["ray"]
+        if not ray.get("available"):
+            lines.append(ray.get("reason", "ray bench unavailable"))
+        elif "error" in ray:
+            lines.append(f"ray bench failed: {ray['error']}")
+        else:
+            lines.extend(_format_ray(ray["result"]))
+    return "\n".join(lines)
+
+
+def _format_ray(result: Any) -> list[str]:
+    """Rows of ``workers.ray.bench_ray``'s report (falls back to its JSON if the layout is unknown)."""
+    try:
+        local = result["in_process"]
+        lines = [f"Ray (digits 64-32-3, P={result['population_size']}, K={result['num_tasks']}, "
+                 f"T={result['num_steps']}): in-process {local['inner_steps_per_s']:.0f} inner steps/s"]
+        for workers, row in result["ray"].items():
+            lines.append(f"  {workers} worker(s): {row['inner_steps_per_s']:.0f} inner steps/s, "
+                         f"x{row['speedup_vs_in_process']:.2f} in-process, per-core efficiency "
+                         f"{row['per_core_efficiency']:.2f}, overhead {100 * row['overhead_share']:.1f}%")
+        return lines
+    except (KeyError, TypeError, AttributeError):
+        return ["ray: " + json.dumps(result, default=_json_default)]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def run_bench(quick: bool = False, as_json: bool = False, with_ray: bool = False) -> int:
+    """``blur bench``: print the results (a table, or one JSON object with ``as_json``). Exit code 0, or 1
+    when the PyTorch check fails or the Ray bench raised."""
+
+    def log(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    results = collect(quick, with_ray, log)
+    if as_json:
+        print(json.dumps(results, default=_json_default))
+    else:
+        print(format_table(results))
+    failed = not results["correctness"]["ok"] or "error" in results.get("ray", {})
+    return 1 if failed else 0
+
+
+__all__ = [
+    "FULL_SCALES",
+    "QUICK_SCALES",
+    "Scale",
+    "TorchGenomes",
+    "Workspace",
+    "bench_scale",
+    "bench_spec",
+    "check_torch_matches_jax",
+    "collect",
+    "executed_flops",
+    "format_table",
+    "run_bench",
+    "torch_episodes_loop",
+    "torch_episodes_vectorized",
+    "torch_genomes",
+    "torch_step",
+]
