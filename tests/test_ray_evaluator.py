@@ -241,12 +241,14 @@ class TestOnExistingCluster:
         metrics = evaluator.last_metrics
         assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_shards"] == 2
         assert f"pid {victim['pid']}" in metrics["ray_failure_log"][0]
-        workers = evaluator.describe()["workers"]
-        # the dead actor was restarted by Ray (new process) and serves again
-        assert workers[victim["worker"]]["pid"] != victim["pid"]
-        assert evaluator.worker_pids()[victim["worker"]] not in (None, victim["pid"])
         assert_same_evaluation(evaluator.evaluate(vectors, "train", key, 3, 5), expected)
         assert evaluator.last_metrics["ray_failures"] == 0
+        # the dead actor was restarted by Ray (new process); its new pid is learned asynchronously
+        deadline = time.monotonic() + 60
+        while evaluator.worker_pids()[victim["worker"]] in (None, victim["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert evaluator.worker_pids()[victim["worker"]] not in (None, victim["pid"])
+        assert evaluator.describe()["workers"][victim["worker"]]["pid"] != victim["pid"]
 
     def test_gpu_worker_without_a_usable_gpu_fails_clearly(self, head, smoke):
         # The head advertises one (logical) GPU: half of it is granted, the actor starts with the GPU
