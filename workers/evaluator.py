@@ -51,12 +51,6 @@ def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
     )
 
 
-def families_spec(task_config: TaskConfig, network_spec_fn) -> tuple[G.NetworkSpec, TaskFamily]:
-    """Build the train family and the network spec whose input/output widths it fixes."""
-    family = make_family(task_config, "train")
-    return network_spec_fn(family.num_inputs, family.num_classes), family
-
-
 class LocalEvaluator:
     """In-process evaluator: the jit/vmap engine on the local default device (CPU or GPU)."""
 

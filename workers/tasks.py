@@ -284,8 +284,13 @@ class TaskFamily:
 
 # ----------------------------------------------------------------------------------- construction
 
+@functools.lru_cache(maxsize=16)
 def make_family(config: TaskConfig, split: str) -> TaskFamily:
-    """Build the ``split`` ("train" | "validation" | "test") of the family ``config`` describes."""
+    """Build the ``split`` ("train" | "validation" | "test") of the family ``config`` describes.
+
+    Families are immutable and cached per (config, split), so the driver, the evaluator and the final report
+    share one copy of the loaded and transformed data. (Dataset locations taken from environment variables
+    are read when a family is first built in a process.)"""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if config.family == "toy2d":
