@@ -235,7 +235,7 @@ def run_es(config: Config, compare: CompareConfig, method: MethodConfig, seed: i
     every = _checkpoints(compare)
     accuracy, loss = heldout.measure(run.strategy.mean(run.strategy_state))
     curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
-    while run.state.inner_steps < compare.inner_step_budget and run._stop_reason() is None:
+    while run.state.inner_steps < compare.inner_step_budget and run.stop_reason() is None:
         before = run.state.inner_steps
         run.step()
         if run.state.inner_steps // every > before // every or run.state.inner_steps >= compare.inner_step_budget:

@@ -186,7 +186,8 @@ class Run:
                         self.state.best_vector)
 
     # ------------------------------------------------------------------------------------------ loop
-    def _stop_reason(self) -> str | None:
+    def stop_reason(self) -> str | None:
+        """Why the run should stop now (generations, evaluations, wall clock, target, strategy), or None."""
         run, state = self.config.run, self.state
         if state.generation >= run.generations:
             return "generations"
@@ -232,7 +233,7 @@ class Run:
         if self.strategy.stop(self.strategy_state):
             state.stop_reason = "strategy"
         state.generation += 1
-        last = self._stop_reason() is not None
+        last = self.stop_reason() is not None
         validation_start = time.perf_counter()
         if config.run.validation_every > 0 and (state.generation % config.run.validation_every == 0 or last):
             row.update(self._validate(population[best_index], num_steps, generation))
@@ -255,7 +256,7 @@ class Run:
         if extra:
             row.update(extra)
         self.metrics.append(row)
-        if state.generation % config.run.checkpoint_every == 0 or self._stop_reason():
+        if state.generation % config.run.checkpoint_every == 0 or self.stop_reason():
             self.checkpoint()
         return row
 
@@ -283,7 +284,7 @@ class Run:
 
     def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> str:
         """Run generations until a stop criterion; returns the stop reason."""
-        while (reason := self._stop_reason()) is None:
+        while (reason := self.stop_reason()) is None:
             saved = (self.strategy_state, dataclasses.replace(self.state, failures=list(self.state.failures)))
             try:
                 row = self.step()
