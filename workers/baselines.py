@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from workers.engine import query_scores
 from workers.task_types import Task
 
 __all__ = [
@@ -90,9 +91,8 @@ def _optimizer(name: str, learning_rate) -> optax.GradientTransformation:
 
 def _query_scores(weights, task: Task, activation: str):
     logits = mlp_forward(weights, task.query_x, activation)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, task.query_y))
+    accuracy, loss = query_scores(logits, task.query_y)  # the engine's scoring, so both are comparable
     diverged = ~(jnp.all(jnp.isfinite(logits)) & jnp.isfinite(loss))
-    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == task.query_y).astype(jnp.float32))
     return jnp.where(diverged, 0.0, accuracy), loss, diverged
 
 
