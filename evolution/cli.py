@@ -95,15 +95,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blur: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001
+    except BaseException as error:  # noqa: BLE001
         from evolution.checkpoint import CheckpointError
         from evolution.config import ConfigError
+        from evolution.signals import Interrupted
         from genome import GenomeFileError, SpecError
+        from genome.io import WriteError
         from workers.datasets import DatasetError
 
+        if isinstance(error, Interrupted):
+            if not getattr(error, "reported", False):
+                print(f"blur: interrupted ({error})", file=sys.stderr)
+            return error.exit_code
+        if not isinstance(error, Exception):
+            raise
         if isinstance(error, (ConfigError, GenomeFileError, SpecError, DatasetError, CheckpointError)):
             print(f"blur: error: {str(error).splitlines()[0]}", file=sys.stderr)
             return 2
+        if isinstance(error, WriteError):
+            print(f"blur: failed: {error.strerror}", file=sys.stderr)
+            return 1
         if os.environ.get("BLUR_DEBUG"):
             raise
         print(f"blur: failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
@@ -168,35 +179,50 @@ class _Progress:
 
 
 def _run_to_end(run, quiet: bool) -> int:
-    from evolution.report import compare_on_heldout, format_markdown, format_table
+    try:
+        return _run_and_report(run, quiet)
+    finally:
+        run.close()
+
+
+def _run_and_report(run, quiet: bool) -> int:
     from evolution.checkpoint import atomic_write_text
-    from evolution.run import _TEST, split_key, num_steps_at
+    from evolution.report import format_markdown, format_table
+    from evolution.resources import check_run_config
+    from evolution.run import num_steps_at
+    from evolution.signals import Interrupted
 
     config = run.config
     print(f"run directory: {run.run_dir}")
     print(f"network {run.spec.layer_sizes} k={run.spec.num_states}, genome dims {run.strategy.num_dims}, "
           f"strategy {config.strategy.name} (population {config.strategy.population_size}), "
-          f"task {config.task.family}, evaluator {config.evaluator.kind}", flush=True)
+          f"task {config.task.family}, evaluator {config.evaluator.kind}; one generation "
+          f"{check_run_config(config, run.spec).describe()}", flush=True)
     progress = _Progress(config.run.generations, run.state.generation, quiet)
     try:
         reason = run.run(progress)
-    except Exception:
-        print(f"blur: the run stopped; checkpointed at generation {run.state.generation} "
+    except BaseException as error:
+        what = f"interrupted ({error})" if isinstance(error, Interrupted) else "the run stopped"
+        print(f"blur: {what}; checkpointed at generation {run.state.generation} "
               f"(continue with `blur resume {run.run_dir}`)", file=sys.stderr)
+        error.reported = True
         raise
     finally:
         progress.close()
-        run.evaluator.close()
     state = run.state
     print(f"stopped: {reason} after {state.generation} generations, {state.evaluations} evaluations, "
           f"{state.inner_steps} inner steps, {state.elapsed:.1f}s")
     num_steps = num_steps_at(config, max(state.generation - 1, 0))
-    report = compare_on_heldout(
-        run.spec, {"evolved rule": run.best_genome()}, config.task, num_steps, split_key(config, _TEST),
-        num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
-        learning_rates=config.report.learning_rates, baseline_names=config.report.baselines,
-        include_backprop_genome=config.report.backprop_genome, skip_last_update=config.episode.skip_last_update,
-    )
+    try:
+        from genome.io import failpoint
+
+        failpoint("report")
+        report = _report(run, num_steps)
+    except Interrupted as error:
+        print(f"blur: interrupted ({error}) during the held-out report; the run is complete and checkpointed "
+              f"(`blur resume {run.run_dir}` writes the report)", file=sys.stderr)
+        error.reported = True
+        raise
     atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2))
     atomic_write_text(run.run_dir / "report.md", format_markdown(report))
     print()
@@ -206,28 +232,45 @@ def _run_to_end(run, quiet: bool) -> int:
     return 0
 
 
+def _report(run, num_steps: int) -> dict:
+    from evolution.report import compare_on_heldout
+    from evolution.run import _TEST, split_key
+
+    config = run.config
+    return compare_on_heldout(
+        run.spec, {"evolved rule": run.best_genome()}, config.task, num_steps, split_key(config, _TEST),
+        num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
+        learning_rates=config.report.learning_rates, baseline_names=config.report.baselines,
+        include_backprop_genome=config.report.backprop_genome, skip_last_update=config.episode.skip_last_update,
+    )
+
+
 def cmd_evolve(args) -> int:
     from evolution.config import load_config
     from evolution.run import Run
+    from evolution.signals import handle_signals
 
     overrides = list(args.overrides) + _evaluator_overrides(args)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = Run.create(config, out, _evaluator_fn())
-    return _run_to_end(run, args.quiet)
+    with handle_signals():
+        run = Run.create(config, out, _evaluator_fn())
+        return _run_to_end(run, args.quiet)
 
 
 def cmd_resume(args) -> int:
     from evolution.run import Run
+    from evolution.signals import handle_signals
 
     overrides = _evaluator_overrides(args)
     if overrides:
         raise UsageError("resume: evaluator flags are taken from the run's config.yaml; edit it to change them")
-    run = Run.resume(Path(args.run_dir), _evaluator_fn())
-    print(f"resuming at generation {run.state.generation}")
-    return _run_to_end(run, args.quiet)
+    with handle_signals():
+        run = Run.resume(Path(args.run_dir), _evaluator_fn())
+        print(f"resuming at generation {run.state.generation}")
+        return _run_to_end(run, args.quiet)
 
 
 # -------------------------------------------------------------------------------------------- others

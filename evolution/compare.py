@@ -46,12 +46,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 import genome as G
 from evolution import gradients as GR
 from evolution import outer_loop as OL
-from evolution.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict
+from evolution.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict, read_yaml_file
 from evolution.report import compare_on_heldout
 from evolution.run import Run, initial_vector, local_evaluator, network_spec
 from workers import engine
@@ -176,12 +175,7 @@ def parse_compare(data: Any) -> CompareConfig:
 def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, CompareConfig]:
     """Load the experiment config and its ``compare:`` section; ``--set compare.x=...`` works too."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"{path}: invalid YAML") from None
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     for assignment in overrides:
@@ -244,6 +238,7 @@ def run_es(config: Config, compare: CompareConfig, method: MethodConfig, seed: i
                           "accuracy": accuracy, "loss": loss})
     run.state.stop_reason = run.state.stop_reason or "inner_step_budget"
     run.checkpoint()
+    run.close()
     population = es_config.strategy.population_size
     memory = {steps: _es_memory(es_config, spec, population, steps)
               for steps in (config.episode.num_steps, compare.memory_multiplier * config.episode.num_steps)}
@@ -256,6 +251,7 @@ def _warm_up_es(config: Config, scratch: Path) -> None:
     """One untimed generation in a scratch directory, so that the timed run does not pay for compilation."""
     warmup = Run.create(config, scratch, local_evaluator)
     warmup.step()
+    warmup.close()
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -2,11 +2,17 @@
 
 Unknown keys, wrong types and impossible values raise :class:`ConfigError` naming the key (``task.n_way``).
 ``overrides`` (``--set a.b=value``) are parsed as YAML scalars/lists and type-checked the same way.
+
+Values are range-checked too (:data:`BOUNDS`: every number finite, signs, integer caps, cross-field rules),
+and the YAML reader refuses documents that are too large or expand too far through aliases ("billion
+laughs"). Numbers in exponent form without a dot (``1e6``), which YAML 1.1 reads as strings, are floats.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +87,9 @@ class EvaluatorConfig:
     gpus_per_worker: float = 0.0
     ray_address: str | None = None  # None: start a local Ray; "auto": an existing cluster
     max_retries: int = 3
+    # refuse to start when the estimated peak memory of one evaluation exceeds this many GiB
+    # (None: 90% of the memory available when the run starts)
+    max_memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is out of range for a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        return value
     if tp is str or typing.get_origin(tp) is typing.Literal:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -187,38 +202,228 @@ def _build(cls: Any, data: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {error}") from None
 
 
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 100_000  # inner steps of one episode
+MAX_WIDTH = 1 << 20
+MAX_STATES = 64
+MAX_BATCH = 1 << 16
+MAX_TASKS = 1 << 16
+MAX_POPULATION = 1 << 20
+
+# key -> (lowest, highest, lowest excluded). Integers and floats alike; None means unbounded on that side.
+# Every float is also finite (checked on loading). Keys ending in [] apply to every item of a list.
+BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
+    "seed": (0, MAX_SEED, False),
+    "network.hidden_sizes[]": (1, MAX_WIDTH, False),
+    "network.num_states": (1, MAX_STATES, False),
+    "network.saturation_epsilon": (0, None, False),
+    "network.synapse_init_std": (0, None, False),
+    "network.norm_epsilon": (0, None, False),
+    "task.n_way": (1, 100_000, False),
+    "task.batch_size": (1, MAX_BATCH, False),
+    "task.num_query": (1, 1 << 20, False),
+    "task.resize": (1, 1 << 14, False),
+    "task.crop": (1, 1 << 14, False),
+    "task.projection_dim": (1, MAX_WIDTH, False),
+    "task.split_seed": (0, 2**32 - 1, False),
+    "episode.num_steps": (1, MAX_STEPS, False),
+    "episode.quantile": (0, 1, False),
+    "episode.max_loss": (0, None, True),
+    "strategy.population_size": (2, MAX_POPULATION, False),
+    "strategy.sigma": (0, None, True),
+    "strategy.init_seed": (0, MAX_SEED, False),
+    "run.generations": (1, 10**9, False),
+    "run.tasks_per_generation": (1, MAX_TASKS, False),
+    "run.validation_every": (0, None, False),
+    "run.validation_tasks": (1, MAX_TASKS, False),
+    "run.checkpoint_every": (1, None, False),
+    "run.max_evaluations": (1, None, False),
+    "run.max_wall_time": (0, None, True),
+    "run.curriculum.every": (0, None, False),
+    "run.curriculum.increment": (0, MAX_STEPS, False),
+    "run.curriculum.max_steps": (1, MAX_STEPS, False),
+    "evaluator.workers": (1, 4096, False),
+    "evaluator.cpus_per_worker": (0, 4096, True),
+    "evaluator.gpus_per_worker": (0, 64, False),
+    "evaluator.max_retries": (0, 1000, False),
+    "evaluator.max_memory_gb": (0, None, True),
+    "report.test_tasks": (1, MAX_TASKS, False),
+    "report.tuning_tasks": (1, MAX_TASKS, False),
+    "report.learning_rates[]": (0, 1e6, True),
+}
+
+
+def _range_text(lo, hi, lo_open) -> str:
+    left = "(" if lo_open else "["
+    return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+
+
+def check_range(key: str, value: float | int, lo=None, hi=None, lo_open: bool = False) -> None:
+    """Raise a ConfigError naming ``key`` and the accepted range when ``value`` lies outside it."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise ConfigError(f"{key}: must be {kind} in {_range_text(lo, hi, lo_open)}, got {value}")
+
+
+def _lookup(config: Any, key: str) -> Any:
+    value = config
+    for part in key.removesuffix("[]").split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_bounds(config: Any, bounds: dict[str, tuple] = BOUNDS) -> None:
+    for key, (lo, hi, lo_open) in bounds.items():
+        value = _lookup(config, key)
+        if value is None:
+            continue
+        if key.endswith("[]"):
+            for i, item in enumerate(value):
+                check_range(f"{key[:-2]}[{i}]", item, lo, hi, lo_open)
+        else:
+            check_range(key, value, lo, hi, lo_open)
+
+
+ANTITHETIC_STRATEGIES = ("open_es", "pgpe", "persistent_es", "noise_reuse_es")
+
+
+def check_strategy_options(name: str, options: dict, key: str = "strategy.options") -> None:
+    """Options are typed values: finite numbers, bools, lists and mappings of them. Strings are refused for
+    pycma, which evaluates string-valued options as Python expressions (an option must never run code)."""
+
+    def walk(value, where):
+        if isinstance(value, bool) or value is None:
+            return
+        if isinstance(value, int):
+            if abs(value) > MAX_SEED:
+                raise ConfigError(f"{where}: integer {value} is out of range")
+            return
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: must be a finite number, got {value}")
+            return
+        if isinstance(value, str):
+            if name == "pycma":
+                raise ConfigError(f"{where}: must be a number, bool or list, not the string {value[:40]!r} "
+                                  "(pycma would evaluate it as a Python expression)")
+            return
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+            return
+        if isinstance(value, dict):
+            for k, item in value.items():
+                walk(item, f"{where}.{k}")
+            return
+        raise ConfigError(f"{where}: unsupported value of type {type(value).__name__}")
+
+    for option, value in options.items():
+        walk(value, f"{key}.{option}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
 def _validate(config: Config) -> None:
-    checks = [
-        ("strategy.population_size", config.strategy.population_size >= 2, "must be >= 2"),
-        ("strategy.sigma", config.strategy.sigma > 0, "must be > 0"),
-        ("run.generations", config.run.generations >= 1, "must be >= 1"),
-        ("run.tasks_per_generation", config.run.tasks_per_generation >= 1, "must be >= 1"),
-        ("run.validation_every", config.run.validation_every >= 0, "must be >= 0"),
-        ("run.validation_tasks", config.run.validation_tasks >= 1, "must be >= 1"),
-        ("run.checkpoint_every", config.run.checkpoint_every >= 1, "must be >= 1"),
-        ("run.curriculum.every", config.run.curriculum.every >= 0, "must be >= 0"),
-        ("run.curriculum.increment", config.run.curriculum.increment >= 0, "must be >= 0"),
-        ("evaluator.kind", config.evaluator.kind in ("local", "ray"), "must be 'local' or 'ray'"),
-        ("evaluator.workers", config.evaluator.workers >= 1, "must be >= 1"),
-        ("evaluator.gpus_per_worker", config.evaluator.gpus_per_worker >= 0, "must be >= 0"),
-        ("evaluator.cpus_per_worker", config.evaluator.cpus_per_worker > 0, "must be > 0"),
-        ("report.test_tasks", config.report.test_tasks >= 1, "must be >= 1"),
-        ("network.hidden_sizes", all(n >= 1 for n in config.network.hidden_sizes), "widths must be >= 1"),
-    ]
-    for key, ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
+    check_bounds(config)
+    if not config.report.learning_rates:
+        raise ConfigError("report.learning_rates: must list at least one learning rate")
+    curriculum = config.run.curriculum
+    if curriculum.max_steps is not None and curriculum.max_steps < config.episode.num_steps:
+        raise ConfigError(f"run.curriculum.max_steps: must be >= episode.num_steps ({config.episode.num_steps}), "
+                          f"got {curriculum.max_steps}")
+    if config.evaluator.kind not in ("local", "ray"):
+        raise ConfigError("evaluator.kind: must be 'local' or 'ray'")
     unknown = set(config.report.baselines) - {"sgd", "momentum", "adam"}
     if unknown:
         raise ConfigError(f"report.baselines: unknown baseline(s) {sorted(unknown)}; use sgd, momentum, adam")
-    from evolution.strategies import STRATEGIES
+    from evolution.strategies import STRATEGIES, make_strategy
 
-    if config.strategy.name not in STRATEGIES:
-        raise ConfigError(f"strategy.name: unknown strategy {config.strategy.name!r}; choose from {', '.join(STRATEGIES)}")
+    strategy = config.strategy
+    if strategy.name not in STRATEGIES:
+        raise ConfigError(f"strategy.name: unknown strategy {strategy.name!r}; choose from {', '.join(STRATEGIES)}")
+    if strategy.name in ANTITHETIC_STRATEGIES and strategy.population_size % 2:
+        raise ConfigError(f"strategy.population_size: {strategy.name} samples antithetic pairs, so the population "
+                          f"must be even; got {strategy.population_size}")
+    check_strategy_options(strategy.name, strategy.options)
     try:
-        config.network_spec(2, 2)
+        spec = config.network_spec(2, 2)
     except SpecError as error:
         raise ConfigError(f"network: {error}") from None
+    from genome.params import num_dims
+
+    try:
+        make_strategy(strategy.name, num_dims(spec), strategy.population_size, strategy.options)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"strategy.options: {_first_line(error)}") from None
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+
+MAX_YAML_BYTES = 1 << 20  # a config file
+MAX_OVERRIDE_BYTES = 1 << 16  # one --set value
+MAX_YAML_NODES = 100_000  # nodes of the document after alias expansion
+
+
+def _float_resolver_pattern() -> re.Pattern:
+    # YAML 1.1 needs a dot in exponent floats; accept 1e6, -2E-3, 5e+2 as a person writes them.
+    return re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load plus exponent floats and a cap on the expanded size of the document (aliases)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expanded_size(node)
+        return node
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _float_resolver_pattern(), list("-+0123456789."))
+
+
+def _check_expanded_size(root) -> None:
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node) -> int:
+        ident = id(node)
+        if ident in sizes:
+            return sizes[ident]
+        if ident in active:
+            raise ConfigError("YAML: recursive alias")
+        active.add(ident)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        active.discard(ident)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"YAML: the document expands to more than {MAX_YAML_NODES} values through "
+                              "aliases/anchors; write the values out")
+        sizes[ident] = total
+        return total
+
+    if root is not None:
+        size(root)
+
+
+def parse_yaml(text: str, what: str, limit: int = MAX_YAML_BYTES) -> Any:
+    """Parse YAML text with the guards above; every problem is a one-line ConfigError naming ``what``."""
+    if len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise ConfigError(f"{what}: larger than {limit} bytes")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{what}: invalid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply") from None
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -228,9 +433,9 @@ def apply_override(data: dict, assignment: str) -> None:
     path, raw = assignment.split("=", 1)
     keys = path.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {path}: cannot parse value {raw!r}") from None
+        value = parse_yaml(raw, f"--set {path}", MAX_OVERRIDE_BYTES) if raw.strip() else ""
+    except ConfigError as error:
+        raise ConfigError(f"--set {path}: cannot parse value {raw[:40]!r} ({str(error).split(': ', 1)[-1]})") from None
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -250,20 +455,26 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
     """Load and validate a YAML config file; every problem is a one-line ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    data = read_yaml_file(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return config_from_dict(data, overrides)
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file through :func:`parse_yaml` (size checked before reading it whole)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES} bytes")
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    return parse_yaml(text, str(path))
 
 
 def config_to_dict(config: Config) -> dict:

@@ -22,8 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import genome as G
-from evolution.checkpoint import MetricsLog, atomic_write_text, load_checkpoint, save_checkpoint
+from evolution import rundir
+from evolution.checkpoint import (CheckpointError, MetricsLog, atomic_write_text, config_differences,
+                                  config_identity, load_checkpoint, save_checkpoint)
 from evolution.config import Config, ConfigError, dump_config, load_config
+from evolution.resources import check_run_config
+from evolution.signals import critical
+from genome.io import failpoint
 from evolution.strategies import make_strategy
 from workers.engine import aggregate_fitness
 from workers.evaluator import Evaluator, LocalEvaluator
@@ -61,9 +66,44 @@ def num_steps_at(config: Config, generation: int) -> int:
     return steps
 
 
+def task_family(task_config, split: str):
+    """``make_family`` with its value errors (n_way > classes available, bad splits) as ConfigErrors."""
+    try:
+        return make_family(task_config, split)
+    except (ValueError, TypeError) as error:
+        from workers.datasets import DatasetError
+
+        if isinstance(error, DatasetError):
+            raise
+        raise ConfigError(f"task: {str(error).splitlines()[0]}") from None
+
+
 def network_spec(config: Config) -> G.NetworkSpec:
-    family = make_family(config.task, "train")
-    return config.network_spec(family.num_inputs, family.num_classes)
+    family = task_family(config.task, "train")
+    for split in ("validation", "test"):
+        task_family(config.task, split)
+    try:
+        return config.network_spec(family.num_inputs, family.num_classes)
+    except G.SpecError as error:
+        raise ConfigError(f"network: {error}") from None
+
+
+def check_strategy(config: Config, spec: G.NetworkSpec, mean: np.ndarray):
+    """Build the strategy and run one init/ask/tell on throwaway fitness, so that option values pycma or
+    evosax reject surface now as a ConfigError, not at generation 0 of a run."""
+    try:
+        strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
+                                 config.strategy.options)
+        key = jax.random.key(0)
+        state = strategy.init(key, mean, config.strategy.sigma)
+        population, state = strategy.ask(key, state)
+        fitness = np.random.default_rng(0).standard_normal(len(population))
+        strategy.tell(key, population, fitness, state)
+    except (ValueError, TypeError, KeyError, ArithmeticError, AssertionError, np.linalg.LinAlgError) as error:
+        from evolution.config import _first_line
+
+        raise ConfigError(f"strategy.options: rejected by {config.strategy.name}: {_first_line(error)}") from None
+    return strategy
 
 
 def initial_vector(config: Config, spec: G.NetworkSpec) -> np.ndarray:
@@ -144,46 +184,116 @@ class Run:
         self.state = RunState()
         self.strategy_state = None
         self._checkpoint_seconds = 0.0
+        self.lock: rundir.RunLock | None = None
+        self.run_id, self.key = "", None
+        self._step_done = False
 
     # ------------------------------------------------------------------------------------------ setup
     @classmethod
-    def create(cls, config: Config, run_dir: Path, evaluator_fn: Callable[[Config, G.NetworkSpec], Evaluator]):
+    def create(cls, config: Config, run_dir: Path, evaluator_fn: Callable[[Config, G.NetworkSpec], Evaluator],
+               lock: rundir.RunLock | None = None):
+        """Check everything (config, data, resources, strategy options, ``--out``), then lock ``run_dir`` and
+        write the run's files. Nothing is written before every check has passed."""
         run_dir = Path(run_dir)
-        if (run_dir / "checkpoint.ckpt").exists() or (run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"--out {run_dir}: a run already exists there (use `blur resume {run_dir}`)")
+        if lock is None:
+            rundir.check_new_run_dir(run_dir)
         spec = network_spec(config)
+        check_run_config(config, spec)
         mean = initial_vector(config, spec)
-        run = cls(config, run_dir, evaluator_fn(config, spec), spec)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(config))
-        atomic_write_text(run_dir / "provenance.json", json.dumps(provenance(config, run.evaluator), indent=2))
-        init_key = jax.random.fold_in(root_key(config), 0)
-        run.strategy_state = run.strategy.init(init_key, mean, config.strategy.sigma)
-        run.checkpoint()
+        check_strategy(config, spec, mean)
+        lock = lock or rundir.create_run_dir(run_dir)
+        try:
+            run = cls(config, run_dir, evaluator_fn(config, spec), spec)
+            run.lock = lock
+            atomic_write_text(run_dir / "config.yaml", dump_config(config))
+            run.run_id = rundir.new_run_id()
+            run.key = rundir.create_run_key(run.run_id)
+            rundir.write_run_info(run_dir, run.run_id)
+            atomic_write_text(run_dir / "provenance.json", json.dumps(provenance(config, run.evaluator), indent=2))
+            init_key = jax.random.fold_in(root_key(config), 0)
+            run.strategy_state = run.strategy.init(init_key, mean, config.strategy.sigma)
+            run.checkpoint()
+        except BaseException:
+            lock.release()
+            raise
         return run
 
     @classmethod
     def resume(cls, run_dir: Path, evaluator_fn: Callable[[Config, G.NetworkSpec], Evaluator]):
+        """Lock ``run_dir`` and continue it from its checkpoint. The checkpoint is verified (checksum, run id,
+        config identity, and for pickled strategy state the run's signature) and its counters and the metrics
+        log are checked before anything in the directory changes. A run killed before its first checkpoint
+        starts over from its config.yaml."""
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise ConfigError(f"run directory not found: {run_dir}")
-        config = load_config(run_dir / "config.yaml")
-        counters, strategy_bytes, best_vector = load_checkpoint(run_dir)
-        spec = network_spec(config)
-        run = cls(config, run_dir, evaluator_fn(config, spec), spec)
-        run.strategy_state = run.strategy.state_from_bytes(strategy_bytes)
-        run.state = RunState(**counters, best_vector=best_vector)
-        run.metrics.truncate_to(run.state.generation)
+        lock = rundir.open_run_dir(run_dir)
+        try:
+            config = load_config(run_dir / "config.yaml")
+            if not (run_dir / "checkpoint.ckpt").exists() and not (run_dir / "checkpoint.ckpt").is_symlink():
+                if MetricsLog(run_dir / "metrics.jsonl").read():
+                    raise CheckpointError(f"{run_dir}: metrics.jsonl has rows but there is no checkpoint")
+                for name in ("metrics.jsonl", "provenance.json", "best.genome", rundir.RUN_INFO_NAME):
+                    (run_dir / name).unlink(missing_ok=True)
+                print(f"{run_dir}: killed before its first checkpoint; starting it over", file=sys.stderr)
+                return cls.create(config, run_dir, evaluator_fn, lock=lock)
+            checkpoint = load_checkpoint(run_dir)
+            run_id = rundir.read_run_id(run_dir)
+            if run_id is None or checkpoint.run_id != run_id:
+                raise CheckpointError(f"{run_dir / 'checkpoint.ckpt'}: belongs to another run "
+                                      f"(run id {checkpoint.run_id!r}, this directory's is {run_id!r})")
+            if checkpoint.config is not None:
+                changed = config_differences(checkpoint.config, config_identity(config))
+                if changed:
+                    raise CheckpointError(f"{run_dir / 'config.yaml'}: {', '.join(changed[:4])} differ from the "
+                                          "config the checkpoint was written under; only run.generations, "
+                                          "max_evaluations, max_wall_time, target_fitness, checkpoint_every, "
+                                          "evaluator.* and report.* may change before resuming")
+            spec = network_spec(config)
+            check_run_config(config, spec)
+            strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
+                                     config.strategy.options)
+            key = rundir.load_run_key(run_id)
+            if getattr(strategy, "state_is_pickle", False) and not rundir.verify(key, checkpoint.checksum,
+                                                                                  checkpoint.signature):
+                reason = "no signing key for this run in " + str(rundir.key_dir()) if key is None else (
+                    "its signature does not verify")
+                raise CheckpointError(f"{run_dir / 'checkpoint.ckpt'}: refusing to load pickled {strategy.name} "
+                                      f"state ({reason}); only runs created by this user on this machine resume")
+            state = _checked_counters(checkpoint, config, spec)
+            metrics = MetricsLog(run_dir / "metrics.jsonl")
+            metrics.check(state.generation)
+            try:
+                strategy_state = strategy.state_from_bytes(checkpoint.strategy_state)
+            except ValueError as error:
+                raise CheckpointError(f"{run_dir / 'checkpoint.ckpt'}: {error}") from None
+            run = cls(config, run_dir, evaluator_fn(config, spec), spec)
+            run.lock, run.run_id, run.key = lock, run_id, key
+            run.strategy_state = strategy_state
+            run.state = state
+            metrics.truncate_to(state.generation)
+        except BaseException:
+            lock.release()
+            raise
         return run
+
+    def close(self) -> None:
+        """Close the evaluator and release the run directory's lock."""
+        try:
+            self.evaluator.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def checkpoint(self) -> None:
         start = time.perf_counter()
-        self._save_checkpoint()
+        with critical():
+            self._save_checkpoint()
         self._checkpoint_seconds = time.perf_counter() - start
 
     def _save_checkpoint(self) -> None:
         save_checkpoint(self.run_dir, self.state.counters(), self.strategy.state_to_bytes(self.strategy_state),
-                        self.state.best_vector)
+                        self.state.best_vector, run_id=self.run_id, config=config_identity(self.config),
+                        key=self.key)
 
     # ------------------------------------------------------------------------------------------ loop
     def stop_reason(self) -> str | None:
@@ -255,7 +365,9 @@ class Run:
         extra = getattr(self.evaluator, "last_metrics", None)
         if extra:
             row.update(extra)
-        self.metrics.append(row)
+        with critical():
+            self.metrics.append(row)
+            self._step_done = True  # the row is on disk: the state now stands for generation + 1
         if state.generation % config.run.checkpoint_every == 0 or self.stop_reason():
             self.checkpoint()
         return row
@@ -277,24 +389,34 @@ class Run:
         if state.best_score is None or score < state.best_score:
             state.best_score, state.best_generation = score, generation
             state.best_vector = np.asarray(vector, np.float32)
-            G.save(self.run_dir / "best.genome", self.spec, G.unravel(self.spec, jnp.asarray(state.best_vector)),
-                   {"score": score, "generation": generation, "score_kind": "validation fitness"
-                    if self.config.run.validation_every > 0 else "train fitness",
-                    "config": str(self.run_dir / "config.yaml")})
+            with critical():
+                G.save(self.run_dir / "best.genome", self.spec, G.unravel(self.spec, jnp.asarray(state.best_vector)),
+                       {"score": score, "generation": generation, "score_kind": "validation fitness"
+                        if self.config.run.validation_every > 0 else "train fitness",
+                        "config": str(self.run_dir / "config.yaml")})
 
     def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> str:
         """Run generations until a stop criterion; returns the stop reason."""
         while (reason := self.stop_reason()) is None:
             saved = (self.strategy_state, dataclasses.replace(self.state, failures=list(self.state.failures)))
+            self._step_done = False
             try:
                 row = self.step()
-            except Exception:
-                # e.g. every Ray worker lost: keep the last complete generation on disk, then report
-                self.strategy_state, self.state = saved
-                self.checkpoint()
+            except BaseException as error:
+                # every Ray worker lost, a signal, a failed write: keep the last complete generation on disk
+                if not self._step_done:
+                    self.strategy_state, self.state = saved
+                try:
+                    self.checkpoint()
+                except OSError:
+                    if not isinstance(error, OSError):
+                        raise
+                    # the write failed again (disk full): the previous checkpoint is intact and consistent
+                    # with metrics.jsonl (rows after it are recomputed on resume)
                 raise
             if on_generation is not None:
                 on_generation(row)
+            failpoint("generation")
         self.state.stop_reason = reason
         self.checkpoint()
         return reason
@@ -304,6 +426,38 @@ class Run:
         if vector is None:
             vector = np.asarray(self.strategy.mean(self.strategy_state), np.float32)
         return G.unravel(self.spec, jnp.asarray(vector))
+
+
+def _checked_counters(checkpoint, config: Config, spec: G.NetworkSpec) -> RunState:
+    """The checkpoint's counters as a RunState, every value type- and range-checked (CheckpointError)."""
+    counters, where = checkpoint.counters, "checkpoint.ckpt"
+    ints = ("generation", "evaluations", "inner_steps")
+    expected = set(ints) | {"elapsed", "best_score", "best_generation", "stop_reason", "failures"}
+    if set(counters) != expected:
+        raise CheckpointError(f"{where}: counters {sorted(set(counters) ^ expected)} missing or unexpected")
+    for name in ints:
+        value = counters[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+            raise CheckpointError(f"{where}: counter {name} = {value!r} is out of range")
+    elapsed = counters["elapsed"]
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not (0 <= elapsed < float("inf")):
+        raise CheckpointError(f"{where}: counter elapsed = {elapsed!r} is out of range")
+    best_generation, best_score = counters["best_generation"], counters["best_score"]
+    if best_generation is not None and (isinstance(best_generation, bool) or not isinstance(best_generation, int)
+                                        or not 0 <= best_generation < max(counters["generation"], 1)):
+        raise CheckpointError(f"{where}: counter best_generation = {best_generation!r} is out of range")
+    if best_score is not None and (isinstance(best_score, bool) or not isinstance(best_score, (int, float))):
+        raise CheckpointError(f"{where}: counter best_score = {best_score!r} is not a number")
+    if counters["stop_reason"] not in (None, "generations", "max_evaluations", "max_wall_time", "target_fitness",
+                                       "strategy", "inner_step_budget"):
+        raise CheckpointError(f"{where}: unknown stop_reason {counters['stop_reason']!r}")
+    if not isinstance(counters["failures"], list):
+        raise CheckpointError(f"{where}: failures is not a list")
+    best = checkpoint.best_vector
+    if best is not None and (best.shape != (G.num_dims(spec),) or not np.all(np.isfinite(best))):
+        raise CheckpointError(f"{where}: best_vector has shape {best.shape}, expected ({G.num_dims(spec)},) "
+                              "of finite values")
+    return RunState(**counters, best_vector=best)
 
 
 def local_evaluator(config: Config, spec: G.NetworkSpec) -> Evaluator:

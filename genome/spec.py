@@ -7,6 +7,8 @@ could be evolved or differentiated lives in :class:`genome.Genome` instead.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,6 +34,11 @@ FeedbackMode = Literal["target", "error_mse", "error_cross_entropy"]
 
 class SpecError(ValueError):
     """A NetworkSpec field has an impossible value."""
+
+
+MAX_LAYER_WIDTH = 1 << 20  # neurons in one layer
+MAX_NUM_STATES = 64  # k: the genome has 4k² + 4 numbers
+MAX_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -85,16 +92,27 @@ class NetworkSpec:
         object.__setattr__(self, "layer_sizes", tuple(int(n) for n in self.layer_sizes))
         if len(self.layer_sizes) < 2 or any(n < 1 for n in self.layer_sizes):
             raise SpecError(f"layer_sizes must list at least two positive widths, got {self.layer_sizes}")
-        if self.num_states < 1:
-            raise SpecError(f"num_states must be >= 1, got {self.num_states}")
+        if len(self.layer_sizes) > MAX_LAYERS + 1 or any(n > MAX_LAYER_WIDTH for n in self.layer_sizes):
+            raise SpecError(f"layer_sizes must list at most {MAX_LAYERS + 1} widths of at most {MAX_LAYER_WIDTH}, "
+                            f"got {self.layer_sizes[:8]}{'...' if len(self.layer_sizes) > 8 else ''}")
+        try:
+            if isinstance(self.num_states, bool):
+                raise TypeError
+            object.__setattr__(self, "num_states", operator.index(self.num_states))
+        except TypeError:
+            raise SpecError(f"num_states must be an integer, got {self.num_states!r}") from None
+        if not 1 <= self.num_states <= MAX_NUM_STATES:
+            raise SpecError(f"num_states must be in [1, {MAX_NUM_STATES}], got {self.num_states}")
         for name in ("forward_activation", "output_activation", "backward_activation"):
             _check_choice(name, getattr(self, name), ACTIVATIONS)
         _check_choice("backward_update", self.backward_update, BACKWARD_UPDATES)
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
         _check_choice("synapse_normalization", self.synapse_normalization, SYNAPSE_NORMALIZATIONS)
         _check_choice("batch_reduction", self.batch_reduction, BATCH_REDUCTIONS)
-        if self.synapse_init_std < 0:
-            raise SpecError(f"synapse_init_std must be >= 0, got {self.synapse_init_std}")
+        for name in ("synapse_init_std", "norm_epsilon", "saturation_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise SpecError(f"{name} must be a finite number >= 0, got {value!r}")
 
     @property
     def num_layers(self) -> int:

@@ -6,6 +6,11 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 in tests
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# run signing keys of the tests' runs go to a scratch key store, never to the user's
+if "BLUR_KEY_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["BLUR_KEY_DIR"] = tempfile.mkdtemp(prefix="blur-test-keys-")
 
 import jax  # noqa: E402
 

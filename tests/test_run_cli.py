@@ -111,7 +111,7 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(delay)
         proc.kill()
         proc.communicate()
-        counters, state, best = load_checkpoint(tmp_path)  # never torn: an old or a new checkpoint
+        counters, state, best = load_checkpoint(tmp_path)[:3]  # never torn: an old or a new checkpoint
         generation = counters["generation"]
         assert state == (bytes([generation % 251]) * 3_000_000 if generation else b"\x00" * 10)
         assert best is None or np.all(best == generation)
@@ -121,6 +121,7 @@ def in_process_run(tmp_path, overrides):
     config = load_config(SMOKE, overrides)
     run = Run.create(config, tmp_path / "run", local_evaluator)
     run.run()
+    run.close()
     return run, metric_rows(tmp_path / "run")
 
 
@@ -256,7 +257,8 @@ def test_a_run_whose_evaluator_fails_checkpoints_and_resumes_exactly(tmp_path):
     run = Run.create(config, tmp_path / "run", lambda c, s: FailingEvaluator(local_evaluator(c, s), calls=5))
     with pytest.raises(RuntimeError, match="every worker is gone"):
         run.run()
-    counters, _, _ = load_checkpoint(tmp_path / "run")
+    run.close()
+    counters = load_checkpoint(tmp_path / "run").counters
     assert counters["generation"] == 3  # generations 0-2 complete (train + one validation = 4 calls), 3 failed
     resumed = Run.resume(tmp_path / "run", local_evaluator)
     resumed.run()

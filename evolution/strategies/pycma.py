@@ -35,8 +35,9 @@ resulting sigma factor is applied after generation t+1's update. When the handle
 the evaluator draws different noise for each row.
 
 Serialization is pycma's own mechanism, pickle (with a small header checked first). Unpickling
-can execute arbitrary code: a state is only ever read from the run's own directory, never from
-an untrusted source.
+can execute arbitrary code, so ``blur resume`` only passes bytes to `state_from_bytes` after the
+checkpoint's HMAC signature verified with the run's key from the user's key store
+(:mod:`evolution.rundir`).
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ class PycmaStrategy:
     noise_change_sigma_exponent: float = 1.0
     noise_kappa_exponent: float = 0.0
     name: str = "pycma"
+    # state_to_bytes is a pickle: resume loads it only from a checkpoint signed with the run's key
+    state_is_pickle = True
 
     @classmethod
     def create(
