@@ -145,7 +145,7 @@ def run_cli(argv, capsys):
     (["evolve", "missing.yaml"], "config file not found"),
     (["evolve", str(SMOKE), "--set", "task.n_wya=3"], "task.n_wya: unknown key"),
     (["evolve", str(SMOKE), "--set", "run.generations=many"], "run.generations: expected an integer"),
-    (["evolve", str(SMOKE), "--set", "strategy.population_size=1"], "strategy.population_size: must be >= 2"),
+    (["evolve", str(SMOKE), "--set", "strategy.population_size=1"], "strategy.population_size: must be an integer in [2, "),
     (["evolve", str(SMOKE), "--set", "episode.num_steps=-3"], "num_steps must be >= 0"),
     (["evolve", str(SMOKE), "--set", "strategy.name=hillclimb"], "strategy.name: unknown strategy"),
     (["evolve", str(SMOKE), "--set", "task.family=imagenet"], "unknown task family"),
