@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"blur: error: {str(error).splitlines()[0]}", file=sys.stderr)
             return 2
         if isinstance(error, WriteError):
-            print(f"blur: failed: {error.strerror}", file=sys.stderr)
+            if not getattr(error, "reported", False):
+                print(f"blur: failed: {error.strerror}", file=sys.stderr)
             return 1
         if os.environ.get("BLUR_DEBUG"):
             raise
@@ -202,10 +203,17 @@ def _run_and_report(run, quiet: bool) -> int:
     try:
         reason = run.run(progress)
     except BaseException as error:
-        what = f"interrupted ({error})" if isinstance(error, Interrupted) else "the run stopped"
-        print(f"blur: {what}; checkpointed at generation {run.state.generation} "
+        from genome.io import WriteError
+
+        if isinstance(error, Interrupted):
+            what = f"interrupted ({error})"
+        elif isinstance(error, WriteError):
+            what = f"failed: {error.strerror}"
+        else:
+            what = "the run stopped"
+        print(f"blur: {what}; checkpointed at generation {run.checkpointed_generation} "
               f"(continue with `blur resume {run.run_dir}`)", file=sys.stderr)
-        error.reported = True
+        error.reported = isinstance(error, (Interrupted, WriteError))
         raise
     finally:
         progress.close()

@@ -50,7 +50,8 @@ import numpy as np
 import genome as G
 from evolution import gradients as GR
 from evolution import outer_loop as OL
-from evolution.config import Config, ConfigError, apply_override, config_from_dict, config_to_dict, read_yaml_file
+from evolution.config import (MAX_POPULATION, MAX_SEED, MAX_STEPS, MAX_TASKS, Config, ConfigError, apply_override,
+                               check_bounds, check_strategy_options, config_from_dict, config_to_dict, read_yaml_file)
 from evolution.report import compare_on_heldout
 from evolution.run import Run, initial_vector, local_evaluator, network_spec
 from workers import engine
@@ -121,6 +122,17 @@ _FIELD_TYPES = {
 }
 
 
+_METHOD_BOUNDS = {
+    "population_size": (2, MAX_POPULATION, False), "sigma": (0, None, True), "learning_rate": (0, 1e3, True),
+    "clip_norm": (0, None, True), "tasks_per_step": (1, MAX_TASKS, False), "curriculum_every": (0, None, False),
+    "curriculum_increment": (0, MAX_STEPS, False), "curriculum_max_steps": (1, MAX_STEPS, False),
+}
+_COMPARE_BOUNDS = {
+    "seeds[]": (0, MAX_SEED, False), "inner_step_budget": (1, 10**13, False), "max_wall_time": (0, None, True),
+    "num_points": (1, 10_000, False), "heldout_tasks": (1, MAX_TASKS, False), "memory_multiplier": (1, 64, False),
+}
+
+
 def _method(data: Any, index: int) -> MethodConfig:
     where = f"compare.methods[{index}]"
     if not isinstance(data, dict):
@@ -136,6 +148,11 @@ def _method(data: Any, index: int) -> MethodConfig:
         raise ConfigError(f"{where}.kind: must be one of {', '.join(METHOD_KINDS)}; got {data['kind']!r}")
     method = MethodConfig(**{k: (float(v) if k in ("sigma", "learning_rate", "clip_norm") and v is not None else v)
                              for k, v in data.items()})
+    try:
+        check_bounds(method, _METHOD_BOUNDS)
+        check_strategy_options(method.strategy or "", method.options, "options")  # strings: see below
+    except ConfigError as error:
+        raise ConfigError(f"{where}.{error}") from None
     if method.kind == "gradient":
         try:
             estimator_config(method)
@@ -165,6 +182,10 @@ def parse_compare(data: Any) -> CompareConfig:
             raise ConfigError("compare.seeds: expected a non-empty list of integers")
         values["seeds"] = tuple(values["seeds"])
     config = CompareConfig(methods=methods, **values)
+    try:
+        check_bounds(config, _COMPARE_BOUNDS)
+    except ConfigError as error:
+        raise ConfigError(f"compare.{error}") from None
     for key, ok in (("inner_step_budget", config.inner_step_budget >= 1), ("num_points", config.num_points >= 1),
                     ("heldout_tasks", config.heldout_tasks >= 1), ("memory_multiplier", config.memory_multiplier >= 1)):
         if not ok:
@@ -245,6 +266,29 @@ def run_es(config: Config, compare: CompareConfig, method: MethodConfig, seed: i
     return {"vector": np.asarray(run.strategy.mean(run.strategy_state), np.float32), "curve": curve,
             "inner_steps": run.state.inner_steps, "wall_time": run.state.elapsed, "compile_time": None,
             "memory": memory}
+
+
+def check_compare_resources(config: Config, compare: CompareConfig) -> None:
+    """The resource guard for every method before anything runs: ES methods as ``blur evolve`` (population ×
+    tasks episodes side by side); gradient methods keep each of the T inner steps' episode state for the
+    backward pass, estimated as T × tasks_per_step episodes (at the memory multiplier's longest horizon)."""
+    from evolution.resources import check_memory, estimate
+    from evolution.run import network_spec
+
+    spec = network_spec(config)
+    steps = config.episode.num_steps
+    for index, method in enumerate(compare.methods):
+        if method.kind == "es":  # pycma evaluates string options: refused once the strategy name is known
+            check_strategy_options(method.strategy or config.strategy.name,
+                                   {**config.strategy.options, **method.options}, f"compare.methods[{index}].options")
+            population, tasks = method.population_size or config.strategy.population_size, config.run.tasks_per_generation
+        else:
+            longest = max(steps, method.curriculum_max_steps or steps)
+            population, tasks = longest, method.tasks_per_step or config.run.tasks_per_generation
+        est = estimate(spec.layer_sizes, spec.num_states, config.task.batch_size, config.task.num_query, steps,
+                       population, tasks, G.num_dims(spec))
+        check_memory(est, config.evaluator.max_memory_gb, f"resources of method {method.name!r}",
+                     "population_size, tasks_per_step, network.hidden_sizes, task.batch_size or episode.num_steps")
 
 
 def _warm_up_es(config: Config, scratch: Path) -> None:
@@ -552,8 +596,12 @@ def _bytes(value: int) -> str:
 def main_compare(config_path: str, out_dir: str | None, overrides: Sequence[str] = ()) -> int:
     """``blur compare CONFIG [--out DIR] [--set k=v ...]``; ConfigError propagates (exit 2 in the CLI)."""
     config, compare = load_compare_config(config_path, overrides)
+    check_compare_resources(config, compare)
     if out_dir is None:
         out_dir = Path("runs") / f"compare-{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from evolution.rundir import check_new_run_dir
+
+    check_new_run_dir(Path(out_dir))  # a new or empty directory: nothing of the user's is overwritten
     summary = run_comparison(config, out_dir, compare, progress=lambda line: print(line, flush=True))
     print(f"report: {Path(out_dir) / 'report.md'}")
     for name, row in summary["methods"].items():

@@ -162,12 +162,26 @@ def evaluate_genome(args) -> int:
     from evolution.report import compare_on_heldout, format_table
     from workers.tasks import FAMILIES, TaskConfig, make_family
 
+    from evolution.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, check_range
+    from evolution.resources import check_memory, estimate
+    from evolution.run import task_family
+
     if args.task not in FAMILIES:
         raise UsageError(f"--task: unknown family {args.task!r}; see `blur tasks`")
-    if args.steps < 1 or args.tasks < 1:
-        raise UsageError("--steps and --tasks must be >= 1")
-    task_config = TaskConfig(family=args.task, n_way=args.n_way, batch_size=args.batch_size, data_dir=args.data_dir)
-    family = make_family(task_config, "train")
+    for flag, value, hi in (("--steps", args.steps, MAX_STEPS), ("--tasks", args.tasks, MAX_TASKS),
+                            ("--batch-size", args.batch_size, MAX_BATCH), ("--seed", args.seed, MAX_SEED)):
+        check_range(flag, value, 0 if flag == "--seed" else 1, hi)
+    if args.n_way is not None:
+        check_range("--n-way", args.n_way, 1, 100_000)
+    for width in args.hidden or ():
+        check_range("--hidden", width, 1, MAX_WIDTH)
+    try:
+        task_config = TaskConfig(family=args.task, n_way=args.n_way, batch_size=args.batch_size,
+                                 data_dir=args.data_dir)
+    except ValueError as error:
+        raise UsageError(f"--task {args.task}: {error}") from None
+    family = task_family(task_config, "train")
+    task_family(task_config, args.split)
     hidden = tuple(args.hidden) if args.hidden else (32,)
     layer_sizes = (family.num_inputs, *hidden, family.num_classes)
     if args.genome == "backprop":
@@ -183,6 +197,9 @@ def evaluate_genome(args) -> int:
         if (spec.num_inputs, spec.num_outputs) != (family.num_inputs, family.num_classes):
             raise UsageError(f"{args.genome}: network {spec.layer_sizes} does not fit task {args.task} "
                              f"({family.num_inputs} inputs, {family.num_classes} classes); set --n-way or --task")
+    check_memory(estimate(spec.layer_sizes, spec.num_states, task_config.batch_size, task_config.num_query,
+                          args.steps, 4, args.tasks, G.num_dims(spec)),
+                 None, "resources", "--tasks, --steps, --batch-size or the network's widths")
     curve_steps = sorted({0, args.steps // 4, args.steps // 2, (3 * args.steps) // 4, args.steps})
     report = compare_on_heldout(spec, {name: genome}, task_config, args.steps,
                                 jax.random.fold_in(jax.random.key(args.seed), 3), num_test_tasks=args.tasks,

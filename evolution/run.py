@@ -187,6 +187,7 @@ class Run:
         self.lock: rundir.RunLock | None = None
         self.run_id, self.key = "", None
         self._step_done = False
+        self.checkpointed_generation: int | None = None  # generation of the checkpoint on disk
 
     # ------------------------------------------------------------------------------------------ setup
     @classmethod
@@ -269,6 +270,7 @@ class Run:
             run.lock, run.run_id, run.key = lock, run_id, key
             run.strategy_state = strategy_state
             run.state = state
+            run.checkpointed_generation = state.generation
             metrics.truncate_to(state.generation)
         except BaseException:
             lock.release()
@@ -288,6 +290,7 @@ class Run:
         start = time.perf_counter()
         with critical():
             self._save_checkpoint()
+            self.checkpointed_generation = self.state.generation
         self._checkpoint_seconds = time.perf_counter() - start
 
     def _save_checkpoint(self) -> None:
