@@ -405,6 +405,9 @@ class Run:
             self._step_done = False
             try:
                 row = self.step()
+                if on_generation is not None:
+                    on_generation(row)
+                failpoint("generation")
             except BaseException as error:
                 # every Ray worker lost, a signal, a failed write: keep the last complete generation on disk
                 if not self._step_done:
@@ -417,9 +420,6 @@ class Run:
                     # the write failed again (disk full): the previous checkpoint is intact and consistent
                     # with metrics.jsonl (rows after it are recomputed on resume)
                 raise
-            if on_generation is not None:
-                on_generation(row)
-            failpoint("generation")
         self.state.stop_reason = reason
         self.checkpoint()
         return reason

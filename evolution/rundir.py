@@ -78,6 +78,23 @@ class RunLock:
             self.fd = None
 
 
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid holding ``run_dir``'s lock (0 if unknown), or None when it is free; changes nothing."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_pid(fd) or 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 200, 0).decode(errors="replace").split()
@@ -98,6 +115,9 @@ def check_new_run_dir(out: Path) -> None:
         except OSError as error:
             raise ConfigError(f"--out {out}: cannot read ({error.strerror})") from None
         if any(name in entries for name in RUN_MARKERS):
+            holder = lock_holder(out)
+            if holder is not None:
+                raise ConfigError(f"--out {out}: in use by blur process {holder} (a run is in progress there)")
             raise ConfigError(f"--out {out}: a run already exists there (use `blur resume {out}`)")
         if [name for name in entries if name != LOCK_NAME]:
             raise ConfigError(f"--out {out}: the directory is not empty and is not a blur run "

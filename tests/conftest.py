@@ -13,5 +13,18 @@ if "BLUR_KEY_DIR" not in os.environ:
     os.environ["BLUR_KEY_DIR"] = tempfile.mkdtemp(prefix="blur-test-keys-")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted smoke run with KILL_OVERRIDES (the reference of every kill / resume test)."""
+    from helpers import KILL_OVERRIDES, SMOKE, blur, set_args
+
+    out = tmp_path_factory.mktemp("runs") / "full"
+    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(KILL_OVERRIDES))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    return out, stdout

@@ -4,12 +4,10 @@ stop criteria, curriculum, CLI errors and ``blur inspect``."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,36 +16,9 @@ import genome as G
 from evolution.checkpoint import load_checkpoint, save_checkpoint
 from evolution.cli import main
 from evolution.config import load_config
-from evolution.run import TIMING_KEYS, Run, local_evaluator
+from evolution.run import Run, local_evaluator
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
-# long enough that a kill lands mid-run: each generation evaluates 8 x 12 episodes of 6 steps
-KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy.population_size=8",
-                  "run.validation_every=3"]
-
-
-def blur(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evolution.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def set_args(overrides):
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "full"
-    proc = blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(KILL_OVERRIDES))
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
-    return out, stdout
+from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, metric_rows, set_args  # noqa: F401
 
 
 def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):

@@ -1,0 +1,41 @@
+"""Helpers shared by the run-level tests: the ``blur`` CLI as a subprocess and metrics without timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import sys
+from pathlib import Path
+
+from evolution.run import TIMING_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+# long enough that a kill lands mid-run: each generation evaluates 8 x 12 episodes of 6 steps
+KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy.population_size=8",
+                  "run.validation_every=3"]
+
+
+# XLA's persistent compilation cache, shared by the CLI subprocesses of one test session: every process
+# after the first loads the engine's executables instead of compiling them (same executables, same numbers)
+_COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="blur-test-xla-cache-"),
+                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def blur(*args, env=None, **kwargs) -> subprocess.Popen:
+    """``blur ARGS`` as a subprocess (text pipes), with the session's compilation cache."""
+    return subprocess.Popen([sys.executable, "-m", "evolution.cli", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **_COMPILATION_CACHE, **(env or {})}, **kwargs)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def set_args(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
