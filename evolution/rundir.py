@@ -147,6 +147,8 @@ def open_run_dir(run_dir: Path) -> RunLock:
     """Lock an existing run directory for resuming; refuse symlinked run files; drop stale temporaries."""
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}")
+    if (run_dir / "config.yaml").is_symlink() or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")  # refused before the lock is made
     lock = RunLock(run_dir).acquire()
     try:
         for name in RUN_FILES:
