@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -227,6 +228,9 @@ class Run:
         starts over from its config.yaml."""
         run_dir = Path(run_dir)
         lock = rundir.open_run_dir(run_dir)
+        if lock.previous_holder and lock.previous_holder != os.getpid():
+            print(f"{run_dir}: took over the lock left by process {lock.previous_holder}, which is gone",
+                  file=sys.stderr)
         try:
             config = load_config(run_dir / "config.yaml")
             if not (run_dir / "checkpoint.ckpt").exists() and not (run_dir / "checkpoint.ckpt").is_symlink():

@@ -278,21 +278,35 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def start_with_peak_memory(tmp_path, *argv):
+    """Start ``blur ARGV`` in a fresh interpreter that records its own peak resident memory (VmHWM, KiB)."""
+    record = tmp_path / f"peak-{len(list(tmp_path.glob('peak-*')))}"
+    record.write_text("")
+    proc = subprocess.Popen([sys.executable, "-c", PEAK, str(record), *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, record
+
+
+def finish_with_peak_memory(started) -> tuple[int, str, int]:
+    proc, record = started
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err, int(record.read_text())
+
+
 def run_with_peak_memory(tmp_path, *argv) -> tuple[int, str, int]:
     """``blur ARGV`` in a fresh interpreter: (exit code, stderr, peak resident KiB of that process alone)."""
-    record = tmp_path / f"peak-{len(list(tmp_path.glob('peak-*')))}"
-    proc = subprocess.run([sys.executable, "-c", PEAK, str(record), *map(str, argv)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    return proc.returncode, proc.stderr, int(record.read_text())
+    return finish_with_peak_memory(start_with_peak_memory(tmp_path, *argv))
 
 
 def test_genome_files_with_non_finite_values_or_absurd_specs_are_refused(tmp_path):
-    for name, (path, message) in bad_genomes(tmp_path).items():
-        for argv in (["inspect", path], ["evaluate", path, "--task", "digits"]):
-            code, err, peak = run_with_peak_memory(tmp_path, *argv)
-            assert code == 2, (name, err)
-            assert len(err.strip().splitlines()) == 1 and message in err and str(path) in err, (name, err)
-            assert peak < 1_500_000, (name, peak)  # KiB: nothing large was allocated
+    started = [(name, path, message, start_with_peak_memory(tmp_path, *argv))
+               for name, (path, message) in bad_genomes(tmp_path).items()
+               for argv in (["inspect", path], ["evaluate", path, "--task", "digits"])]
+    for name, path, message, proc in started:
+        code, err, peak = finish_with_peak_memory(proc)
+        assert code == 2, (name, err)
+        assert len(err.strip().splitlines()) == 1 and message in err and str(path) in err, (name, err)
+        assert peak < 1_500_000, (name, peak)  # KiB: nothing large was allocated
 
 
 # ------------------------------------------------------------------------------------ resource guard
@@ -366,6 +380,7 @@ def test_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp
     resumed = blur("resume", out, "--quiet")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
+    assert f"took over the lock left by process {holder.pid}" in err
     assert metric_rows(out) == metric_rows(full)
     same_genome(full, out)
 
