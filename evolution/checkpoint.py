@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from genome.errors import UserError
 from genome.io import WriteError, atomic_write_bytes, failpoint
 
 CHECKPOINT_NAME = "checkpoint.ckpt"
@@ -33,7 +34,7 @@ RESUME_EDITABLE = ("run.generations", "run.max_evaluations", "run.max_wall_time"
                    "run.checkpoint_every", "evaluator", "report")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A run directory has no usable checkpoint."""
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from genome.errors import UserError
+
 VERBS = {
     "evolve": "evolve a learning rule from a YAML config",
     "resume": "continue a run directory from its last checkpoint",
@@ -21,7 +23,7 @@ VERBS = {
 }
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad usage, config or input: reported as one line with exit code 2."""
 
 
@@ -96,12 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("blur: interrupted", file=sys.stderr)
         return 130
     except BaseException as error:  # noqa: BLE001
-        from evolution.checkpoint import CheckpointError
-        from evolution.config import ConfigError
         from evolution.signals import Interrupted
-        from genome import GenomeFileError, SpecError
         from genome.io import WriteError
-        from workers.datasets import DatasetError
 
         if isinstance(error, Interrupted):
             if not getattr(error, "reported", False):
@@ -109,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return error.exit_code
         if not isinstance(error, Exception):
             raise
-        if isinstance(error, (ConfigError, GenomeFileError, SpecError, DatasetError, CheckpointError)):
+        if isinstance(error, UserError):
             print(f"blur: error: {str(error).splitlines()[0]}", file=sys.stderr)
             return 2
         if isinstance(error, WriteError):
@@ -307,7 +305,9 @@ def cmd_inspect(args) -> int:
 def cmd_evaluate(args) -> int:
     from evolution.inspect import evaluate_genome
 
-    return evaluate_genome(args)
+    return evaluate_genome(args.genome, task=args.task, steps=args.steps, num_tasks=args.tasks, split=args.split,
+                           n_way=args.n_way, batch_size=args.batch_size, hidden=args.hidden, data_dir=args.data_dir,
+                           seed=args.seed, as_json=args.json, plot=args.plot)
 
 
 def cmd_bench(args) -> int:

@@ -21,12 +21,13 @@ from typing import Any
 
 import yaml
 
+from genome.errors import UserError
 from genome.spec import NetworkSpec, SpecError
 from workers.engine import EpisodeConfig
 from workers.tasks import TaskConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file, key or value is invalid; the message names the key."""
 
 

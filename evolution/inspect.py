@@ -157,58 +157,60 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
     return 0
 
 
-def evaluate_genome(args) -> int:
-    from evolution.cli import UsageError
+def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_tasks: int = 16, split: str = "test",
+                    n_way: int | None = None, batch_size: int = 16, hidden: tuple[int, ...] | None = None,
+                    data_dir: str | None = None, seed: int = 0, as_json: bool = False, plot: str | None = None) -> int:
+    """``blur evaluate``: learning curves of ``genome`` (a file, ``backprop`` or ``random``) and of the tuned
+    baselines on held-out tasks; prints a table (or JSON) and optionally writes a PNG. Values are checked
+    here (ConfigError naming the flag), so the library call is as safe as the CLI."""
+    from evolution.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, ConfigError, check_range
     from evolution.report import compare_on_heldout, format_table
-    from workers.tasks import FAMILIES, TaskConfig, make_family
-
-    from evolution.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, check_range
     from evolution.resources import check_memory, estimate
     from evolution.run import task_family
+    from workers.tasks import FAMILIES, TaskConfig
 
-    if args.task not in FAMILIES:
-        raise UsageError(f"--task: unknown family {args.task!r}; see `blur tasks`")
-    for flag, value, hi in (("--steps", args.steps, MAX_STEPS), ("--tasks", args.tasks, MAX_TASKS),
-                            ("--batch-size", args.batch_size, MAX_BATCH), ("--seed", args.seed, MAX_SEED)):
+    if task not in FAMILIES:
+        raise ConfigError(f"--task: unknown family {task!r}; see `blur tasks`")
+    for flag, value, hi in (("--steps", steps, MAX_STEPS), ("--tasks", num_tasks, MAX_TASKS),
+                            ("--batch-size", batch_size, MAX_BATCH), ("--seed", seed, MAX_SEED)):
         check_range(flag, value, 0 if flag == "--seed" else 1, hi)
-    if args.n_way is not None:
-        check_range("--n-way", args.n_way, 1, 100_000)
-    for width in args.hidden or ():
+    if n_way is not None:
+        check_range("--n-way", n_way, 1, 100_000)
+    for width in hidden or ():
         check_range("--hidden", width, 1, MAX_WIDTH)
     try:
-        task_config = TaskConfig(family=args.task, n_way=args.n_way, batch_size=args.batch_size,
-                                 data_dir=args.data_dir)
+        task_config = TaskConfig(family=task, n_way=n_way, batch_size=batch_size, data_dir=data_dir)
     except ValueError as error:
-        raise UsageError(f"--task {args.task}: {error}") from None
+        raise ConfigError(f"--task {task}: {error}") from None
     family = task_family(task_config, "train")
-    task_family(task_config, args.split)
-    hidden = tuple(args.hidden) if args.hidden else (32,)
+    task_family(task_config, split)
+    hidden = tuple(hidden) if hidden else (32,)
     layer_sizes = (family.num_inputs, *hidden, family.num_classes)
-    if args.genome == "backprop":
-        spec, genome = G.backprop_genome(layer_sizes, 1.0, loss="cross_entropy")
+    if genome == "backprop":
+        spec, rule = G.backprop_genome(layer_sizes, 1.0, loss="cross_entropy")
         name = "backprop genome (lr 1)"
-    elif args.genome == "random":
+    elif genome == "random":
         spec = G.NetworkSpec(layer_sizes)
-        genome = G.random_genome(spec, jax.random.key(args.seed))
+        rule = G.random_genome(spec, jax.random.key(seed))
         name = "random genome"
     else:
-        spec, genome, _ = G.load(args.genome)
-        name = f"genome {Path(args.genome).name}"
+        spec, rule, _ = G.load(genome)
+        name = f"genome {Path(genome).name}"
         if (spec.num_inputs, spec.num_outputs) != (family.num_inputs, family.num_classes):
-            raise UsageError(f"{args.genome}: network {spec.layer_sizes} does not fit task {args.task} "
-                             f"({family.num_inputs} inputs, {family.num_classes} classes); set --n-way or --task")
+            raise ConfigError(f"{genome}: network {spec.layer_sizes} does not fit task {task} "
+                              f"({family.num_inputs} inputs, {family.num_classes} classes); set --n-way or --task")
     check_memory(estimate(spec.layer_sizes, spec.num_states, task_config.batch_size, task_config.num_query,
-                          args.steps, 4, args.tasks, G.num_dims(spec)),
+                          steps, 4, num_tasks, G.num_dims(spec)),
                  None, "resources", "--tasks, --steps, --batch-size or the network's widths")
-    curve_steps = sorted({0, args.steps // 4, args.steps // 2, (3 * args.steps) // 4, args.steps})
-    report = compare_on_heldout(spec, {name: genome}, task_config, args.steps,
-                                jax.random.fold_in(jax.random.key(args.seed), 3), num_test_tasks=args.tasks,
-                                split=args.split, curve_steps=curve_steps)
-    if args.json:
+    curve_steps = sorted({0, steps // 4, steps // 2, (3 * steps) // 4, steps})
+    report = compare_on_heldout(spec, {name: rule}, task_config, steps,
+                                jax.random.fold_in(jax.random.key(seed), 3), num_test_tasks=num_tasks,
+                                split=split, curve_steps=curve_steps)
+    if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(format_table(report))
-    if args.plot:
+    if plot:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -218,11 +220,11 @@ def evaluate_genome(args) -> int:
         for method, row in report["methods"].items():
             ax.plot(curve_steps, row["curve"], marker="o", label=method)
         ax.set_xlabel("inner steps")
-        ax.set_ylabel(f"held-out query accuracy ({args.split})")
+        ax.set_ylabel(f"held-out query accuracy ({split})")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot, dpi=100)
+        fig.savefig(plot, dpi=100)
         plt.close(fig)
-        if not args.json:
-            print(f"plot: {args.plot}")
+        if not as_json:
+            print(f"plot: {plot}")
     return 0

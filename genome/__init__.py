@@ -1,6 +1,7 @@
 """What is evolved: the BLUR spec, genome pytree, multi-state network, backprop genome and genome files."""
 
 from genome.backprop import backprop_genome, synapses_from_weights, weights_from_synapses
+from genome.errors import UserError
 from genome.io import FORMAT_NAME, GenomeFileError, load, save
 from genome.network import Synapses, activate, backward, feedback, forward, hebbian_update, init_synapses
 from genome.network import predict, step, step_states
@@ -13,6 +14,7 @@ __all__ = [
     "PARAMETERIZATION_VERSION",
     "Genome",
     "GenomeFileError",
+    "UserError",
     "NetworkSpec",
     "SpecError",
     "Synapses",

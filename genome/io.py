@@ -17,13 +17,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from genome.errors import UserError
 from genome.params import PARAMETERIZATION_VERSION, Genome, neutral_genome
 from genome.spec import NetworkSpec
 
 FORMAT_NAME = "blur-evolve-genome"
 
 
-class GenomeFileError(ValueError):
+class GenomeFileError(UserError):
     """A genome file is missing, unreadable, foreign or of an unsupported version."""
 
 

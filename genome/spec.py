@@ -12,6 +12,8 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from genome.errors import UserError
+
 ACTIVATIONS = (
     "identity",
     "relu",
@@ -32,7 +34,7 @@ BackwardUpdate = Literal["additive", "multiplicative", "multiplicative_second_st
 FeedbackMode = Literal["target", "error_mse", "error_cross_entropy"]
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A NetworkSpec field has an impossible value."""
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genome.errors import UserError
 from genome.io import atomic_write_bytes
 
 __all__ = [
@@ -64,7 +65,7 @@ _IDX_PARTS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images
               "t10k-labels-idx1-ubyte")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset is missing, truncated or malformed. The message is one line naming the file."""
 
 
