@@ -21,39 +21,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = [
-    "STRATEGIES",
     "Strategy",
-    "make_strategy",
+    "check_options",
+    "default_population_size",
     "pack_state",
     "unpack_state",
 ]
 
 StrategyState = Any  # each adapter defines its own state type
-
-# Name -> one-line description. The adapter that builds each name is chosen in `make_strategy`.
-PYCMA_STRATEGIES: dict[str, str] = {
-    "pycma": (
-        "CMA-ES from pycma (cma.CMAEvolutionStrategy); pycma options pass through; "
-        "IPOP (restarts=n) and BIPOP (restarts=n, bipop=True) restarts; noise_handler option"
-    ),
-}
-EVOSAX_STRATEGIES: dict[str, str] = {
-    "cma_es": "evosax CMA_ES: full-covariance CMA-ES in JAX (usable inside lax.scan)",
-    "sep_cma_es": "evosax Sep_CMA_ES: diagonal-covariance CMA-ES, linear cost in dimension",
-    "open_es": "evosax Open_ES: OpenAI-ES, antithetic Gaussian gradient estimate + optax optimizer",
-    "pgpe": "evosax PGPE: symmetric sampling with per-coordinate std adaptation, ClipUp",
-    "snes": "evosax SNES: separable natural evolution strategy",
-    "xnes": "evosax xNES: exponential natural evolution strategy (full covariance)",
-    "persistent_es": (
-        "evosax PersistentES: unbiased ES for truncated unrolls; needs per-candidate inner state "
-        "carried across generations (see unroll_start)"
-    ),
-    "noise_reuse_es": (
-        "evosax NoiseReuseES: reuses each candidate's perturbation over a whole unroll; needs "
-        "per-candidate inner state carried across generations (see unroll_start)"
-    ),
-}
-STRATEGIES: dict[str, str] = {**PYCMA_STRATEGIES, **EVOSAX_STRATEGIES}
 
 _STATE_MAGIC = b"BLURSTRAT1\n"
 
@@ -98,43 +73,6 @@ class Strategy(Protocol):
     def state_to_bytes(self, state: StrategyState) -> bytes: ...
 
     def state_from_bytes(self, data: bytes) -> StrategyState: ...
-
-
-def make_strategy(
-    name: str,
-    num_dims: int,
-    population_size: int | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> Strategy:
-    """Build the strategy registered as ``name`` (see `STRATEGIES`).
-
-    ``population_size=None`` takes the strategy's default (``4 + floor(3 ln D)``, rounded up to
-    even for antithetic samplers). ``options`` are strategy-specific; an unknown name or option
-    raises ValueError naming it.
-    """
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    if not isinstance(num_dims, (int, np.integer)) or isinstance(num_dims, bool) or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
-    if population_size is not None and (
-        not isinstance(population_size, (int, np.integer))
-        or isinstance(population_size, bool)
-        or population_size < 2
-    ):
-        raise ValueError(f"population_size must be an integer >= 2, got {population_size!r}")
-    options = dict(options or {})
-    for key in options:
-        if not isinstance(key, str):
-            raise ValueError(f"option names must be strings, got {key!r}")
-    population_size = None if population_size is None else int(population_size)
-    # Imported here: the adapters import this module for the contract and helpers.
-    if name in PYCMA_STRATEGIES:
-        from .pycma import PycmaStrategy
-
-        return PycmaStrategy.create(int(num_dims), population_size, options)
-    from .evosax import EvosaxStrategy
-
-    return EvosaxStrategy.create(name, int(num_dims), population_size, options)
 
 
 def default_population_size(num_dims: int, even: bool = False) -> int:
