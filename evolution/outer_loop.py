@@ -32,6 +32,7 @@ import genome as G
 from evolution import gradients as GR
 from workers.engine import EpisodeConfig
 from workers.evaluator import synapse_keys
+from workers.horizon import horizon
 from workers.task_types import Task
 
 SampleFn = Callable[[jax.Array, int, int], Task]  # (key, num_tasks, num_steps) -> task batch
@@ -83,13 +84,9 @@ def optimizer(config: OuterLoopConfig) -> optax.GradientTransformation:
 
 
 def num_steps_at(episode: EpisodeConfig, config: OuterLoopConfig, meta_step: int) -> int:
-    """Unroll length T at ``meta_step`` under the curriculum."""
-    steps = episode.num_steps
-    if config.curriculum_every > 0:
-        steps += config.curriculum_increment * (meta_step // config.curriculum_every)
-        if config.curriculum_max_steps is not None:
-            steps = min(steps, max(config.curriculum_max_steps, episode.num_steps))
-    return steps
+    """Unroll length T at ``meta_step`` under the curriculum (:func:`workers.horizon.horizon`)."""
+    return horizon(episode.num_steps, meta_step, config.curriculum_every, config.curriculum_increment,
+                   config.curriculum_max_steps)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from genome.io import failpoint
 from evolution.strategies import make_strategy
 from workers.engine import aggregate_fitness
 from workers.evaluator import Evaluator, LocalEvaluator
+from workers.horizon import horizon
 from workers.tasks import make_family
 
 # fold_in salts of the root key
@@ -57,14 +58,10 @@ def split_key(config: Config, salt: int) -> jax.Array:
 
 
 def num_steps_at(config: Config, generation: int) -> int:
-    """Unroll length of ``generation`` under the curriculum (+increment every ``every`` generations)."""
-    steps = config.episode.num_steps
+    """Unroll length of ``generation`` under the curriculum (:func:`workers.horizon.horizon`)."""
     curriculum = config.run.curriculum
-    if curriculum.every > 0:
-        steps += curriculum.increment * (generation // curriculum.every)
-        if curriculum.max_steps is not None:
-            steps = min(steps, curriculum.max_steps)
-    return steps
+    return horizon(config.episode.num_steps, generation, curriculum.every, curriculum.increment,
+                   curriculum.max_steps)
 
 
 def task_family(task_config, split: str):

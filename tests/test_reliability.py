@@ -636,3 +636,26 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(quick_reference, t
     assert resumed.returncode == 0 and "starting it over" in err, err
     same_run(quick_reference, out)
 
+
+
+# ------------------------------------------------------------------------------------ horizon
+
+def test_es_and_gradient_loops_share_one_horizon_that_never_cuts_below_the_base():
+    import dataclasses
+
+    from evolution.outer_loop import OuterLoopConfig
+    from evolution.outer_loop import num_steps_at as meta_steps_at
+    from evolution.run import num_steps_at
+    from workers.horizon import horizon
+
+    base = load_config(SMOKE)
+    for every, increment, cap in [(0, 5, None), (1, 2, 7), (3, 1, None), (2, 4, 4)]:
+        curriculum = dataclasses.replace(base.run.curriculum, every=every, increment=increment, max_steps=cap)
+        config = dataclasses.replace(base, run=dataclasses.replace(base.run, curriculum=curriculum))
+        outer = OuterLoopConfig(curriculum_every=every, curriculum_increment=increment, curriculum_max_steps=cap)
+        for index in range(12):
+            steps = num_steps_at(config, index)
+            assert steps == meta_steps_at(config.episode, outer, index) >= config.episode.num_steps
+            expected = 4 + (increment * (index // every) if every else 0)
+            assert steps == (min(expected, cap) if every and cap else expected)
+    assert horizon(10, 5, every=1, increment=1, max_steps=3) == 10  # a cap below the base is not a cut
