@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
@@ -85,12 +86,20 @@ def _checksum(meta: dict[str, str], arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def sign(key: bytes, digest: str) -> str:
+    """HMAC-SHA256 of a checkpoint checksum with a run's key."""
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes | None, digest: str, signature: str | None) -> bool:
+    """Whether ``signature`` is the run key's signature of ``digest`` (constant-time comparison)."""
+    return key is not None and signature is not None and hmac.compare_digest(sign(key, digest), signature)
+
+
 def save_checkpoint(run_dir: Path, counters: dict[str, Any], strategy_state: bytes,
                     best_vector: np.ndarray | None, *, run_id: str = "", config: dict[str, Any] | None = None,
                     key: bytes | None = None) -> Path:
     from safetensors.numpy import save as save_bytes
-
-    from evolution.rundir import sign
 
     arrays = {"strategy_state": np.frombuffer(strategy_state, dtype=np.uint8).copy()}
     if best_vector is not None:

@@ -25,7 +25,7 @@ import numpy as np
 import genome as G
 from evolution import rundir
 from evolution.checkpoint import (CheckpointError, MetricsLog, atomic_write_text, config_differences,
-                                  config_identity, load_checkpoint, save_checkpoint)
+                                  config_identity, load_checkpoint, save_checkpoint, verify)
 from evolution.config import Config, ConfigError, dump_config, load_config
 from evolution.resources import check_run_config
 from evolution.signals import critical
@@ -254,7 +254,7 @@ class Run:
             strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
                                      config.strategy.options)
             key = rundir.load_run_key(run_id)
-            if getattr(strategy, "state_is_pickle", False) and not rundir.verify(key, checkpoint.checksum,
+            if getattr(strategy, "state_is_pickle", False) and not verify(key, checkpoint.checksum,
                                                                                   checkpoint.signature):
                 reason = "no signing key for this run in " + str(rundir.key_dir()) if key is None else (
                     "its signature does not verify")

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import hmac
 import json
 import os
 import secrets
 import socket
 from pathlib import Path
 
+from evolution.checkpoint import CheckpointError, atomic_write_text
 from evolution.config import ConfigError
+from genome.io import atomic_write_bytes
 
 LOCK_NAME = ".lock"
 RUN_INFO_NAME = "run.json"
@@ -172,14 +172,10 @@ def new_run_id() -> str:
 
 
 def write_run_info(run_dir: Path, run_id: str) -> None:
-    from evolution.checkpoint import atomic_write_text
-
     atomic_write_text(run_dir / RUN_INFO_NAME, json.dumps({"format": RUN_FORMAT, "run_id": run_id}, indent=2))
 
 
 def read_run_id(run_dir: Path) -> str | None:
-    from evolution.checkpoint import CheckpointError
-
     path = run_dir / RUN_INFO_NAME
     if not path.exists():
         return None
@@ -205,8 +201,6 @@ def key_dir() -> Path:
 
 
 def create_run_key(run_id: str) -> bytes:
-    from genome.io import atomic_write_bytes
-
     directory = key_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_bytes(32)
@@ -226,11 +220,3 @@ def load_run_key(run_id: str) -> bytes | None:
         return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def sign(key: bytes, digest: str) -> str:
-    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
-
-
-def verify(key: bytes | None, digest: str, signature: str | None) -> bool:
-    return key is not None and signature is not None and hmac.compare_digest(sign(key, digest), signature)
