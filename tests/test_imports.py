@@ -78,3 +78,14 @@ def test_no_circle_even_through_imports_inside_functions():
         for target in targets:
             back = graph.get(target, set())
             assert name not in back or target.startswith(name + "."), f"{name} <-> {target}"
+
+
+def test_every_package_export_resolves():
+    import evolution
+    import genome
+    import workers
+
+    for package in (genome, workers, evolution):
+        assert package.__all__
+        for name in package.__all__:
+            assert getattr(package, name) is not None, f"{package.__name__}.{name}"
