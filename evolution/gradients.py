@@ -230,7 +230,7 @@ def done(state: UnrollState, config: EpisodeConfig) -> bool:
     return int(state.step) >= num_updates(config)
 
 
-def _full(spec, vector, tasks, state, config, estimator):
+def _full(spec, vector, tasks, state, key, config, estimator):
     steps = num_updates(config)
     (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
         spec, vector, tasks, state.synapses, 0, steps, None, estimator.remat)
@@ -238,7 +238,7 @@ def _full(spec, vector, tasks, state, config, estimator):
     return Estimate(loss, grad, new_state, jnp.asarray(steps * _num_tasks(tasks)))
 
 
-def _truncated(spec, vector, tasks, state, config, estimator):
+def _truncated(spec, vector, tasks, state, key, config, estimator):
     steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
     (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
         spec, vector, tasks, state.synapses, state.step, window, steps, estimator.remat)
@@ -335,6 +335,11 @@ def _evograd(spec, vector, tasks, state, key, config, estimator):
                     (new_step - state.step) * num_tasks * per_step)
 
 
+# name -> estimator; every estimator has the signature (spec, vector, tasks, state, key, config, estimator)
+ESTIMATOR_FUNCTIONS = {"full": _full, "truncated": _truncated, "pes": _pes, "evograd": _evograd}
+assert tuple(ESTIMATOR_FUNCTIONS) == ESTIMATORS
+
+
 def _num_tasks(tasks: Task) -> int:
     return tasks.query_y.shape[0]
 
@@ -350,13 +355,7 @@ def estimate(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, state: UnrollS
     """
     if tasks.support_x.shape[1] < config.num_steps:
         raise ValueError(f"tasks have {tasks.support_x.shape[1]} support batches, the episode needs {config.num_steps}")
-    if estimator.name == "full":
-        return _full(spec, vector, tasks, state, config, estimator)
-    if estimator.name == "truncated":
-        return _truncated(spec, vector, tasks, state, config, estimator)
-    if estimator.name == "pes":
-        return _pes(spec, vector, tasks, state, key, config, estimator)
-    return _evograd(spec, vector, tasks, state, key, config, estimator)
+    return ESTIMATOR_FUNCTIONS[estimator.name](spec, vector, tasks, state, key, config, estimator)
 
 
 # ------------------------------------------------------------------------------------------ memory

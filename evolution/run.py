@@ -147,7 +147,7 @@ def provenance(config: Config, evaluator: Evaluator) -> dict[str, Any]:
         "packages": {n: version(n) for n in ("blur-evolve", "jax", "jaxlib", "numpy", "evosax", "cma", "ray", "optax")},
         "devices": [str(d) for d in jax.devices()],
         "seed": config.seed,
-        "evaluator": getattr(evaluator, "describe", lambda: {"kind": "local"})(),
+        "evaluator": evaluator.describe(),
     }
 
 
@@ -366,9 +366,7 @@ class Run:
             "driver_time": generation_time - eval_time - validation_time,
             "checkpoint_time": self._checkpoint_seconds,  # the previous checkpoint write (this one follows)
         })
-        extra = getattr(self.evaluator, "last_metrics", None)
-        if extra:
-            row.update(extra)
+        row.update(self.evaluator.pop_metrics())
         with critical():
             self.metrics.append(row)
             self._step_done = True  # the row is on disk: the state now stands for generation + 1

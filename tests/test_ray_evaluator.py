@@ -198,9 +198,9 @@ class TestOnExistingCluster:
         assert_same_evaluation(full, expected)
         assert_same_evaluation(five, type(expected)(*(a[:5] for a in expected)))
         assert_same_evaluation(pair, expected_pair)
-        metrics = evaluator.last_metrics
+        metrics = evaluator.pop_metrics()
         assert (metrics["ray_calls"], metrics["ray_shards"], metrics["ray_failures"]) == (3, 6, 0)
-        assert evaluator.last_metrics["ray_calls"] == 0  # reading starts a new window
+        assert evaluator.pop_metrics()["ray_calls"] == 0  # each call starts a new window
 
     def test_smoke_run_gives_the_same_metrics_and_best_genome_as_in_process(self, smoke, tmp_path):
         config, spec, evaluator = smoke
@@ -238,11 +238,11 @@ class TestOnExistingCluster:
         os.kill(victim["pid"], signal.SIGKILL)
         expected = LocalEvaluator(spec, config.task, config.episode).evaluate(vectors, "train", key, 3, 5)
         assert_same_evaluation(join(), expected)
-        metrics = evaluator.last_metrics
+        metrics = evaluator.pop_metrics()
         assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_shards"] == 2
         assert f"pid {victim['pid']}" in metrics["ray_failure_log"][0]
         assert_same_evaluation(evaluator.evaluate(vectors, "train", key, 3, 5), expected)
-        assert evaluator.last_metrics["ray_failures"] == 0
+        assert evaluator.pop_metrics()["ray_failures"] == 0
         # the dead actor was restarted by Ray (new process); its new pid is learned asynchronously
         deadline = time.monotonic() + 60
         while evaluator.worker_pids()[victim["worker"]] in (None, victim["pid"]) and time.monotonic() < deadline:
@@ -320,7 +320,7 @@ def test_losing_a_node_mid_generation_reruns_its_shards_elsewhere(monkeypatch):
         cluster.remove_node(doomed, allow_graceful=False)  # mid-compile: its shard is in flight
         expected = LocalEvaluator(spec, config.task, config.episode).evaluate(vectors, "train", key, 3, 4)
         assert_same_evaluation(join(), expected)
-        metrics = evaluator.last_metrics
+        metrics = evaluator.pop_metrics()
         assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_workers"] == 1
     finally:
         cleanup = [ray.shutdown, cluster.shutdown]

@@ -217,6 +217,12 @@ class FailingEvaluator:
             raise RuntimeError("every worker is gone")
         return self.inner.evaluate(*args)
 
+    def describe(self):
+        return self.inner.describe()
+
+    def pop_metrics(self):
+        return self.inner.pop_metrics()
+
     def close(self):
         self.inner.close()
 

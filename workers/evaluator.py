@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +36,21 @@ class Evaluation(NamedTuple):
 
 
 class Evaluator(Protocol):
+    """What the run loop needs of an evaluation backend."""
+
     spec: G.NetworkSpec
 
     def evaluate(self, vectors: np.ndarray, split: str, task_key: jax.Array, num_tasks: int,
                  num_steps: int) -> Evaluation: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What evaluates (kind, devices, workers) for provenance.json."""
+        ...
+
+    def pop_metrics(self) -> dict[str, Any]:
+        """Metrics accumulated since the previous call, which starts a new window (the run loop calls it once
+        per generation); an explicit call, never a side effect of reading an attribute."""
+        ...
 
     def close(self) -> None: ...
 
@@ -82,6 +93,12 @@ class LocalEvaluator:
                                                    result.diverged)))
         self.eval_seconds += time.perf_counter() - start
         return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "devices": [str(d) for d in jax.devices()]}
+
+    def pop_metrics(self) -> dict[str, Any]:
+        return {}  # the run loop measures in-process evaluation time itself
 
     def close(self) -> None:
         self._families.clear()

@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -155,14 +155,31 @@ class _Worker:
                 "node_id": ray.get_runtime_context().get_node_id(), "backend": jax.default_backend(),
                 "device": str(jax.devices()[0]), "threads": os.environ.get("PJRT_NPROC")}
 
-    def evaluate(self, vectors: np.ndarray, split: str, key_data: np.ndarray, key_impl: str | None,
-                 num_tasks: int, num_steps: int) -> tuple[tuple[np.ndarray, ...], float]:
+    def evaluate(self, vectors: np.ndarray, unit: WorkUnit) -> ShardResult:
         start = time.perf_counter()
-        result = self._evaluator.evaluate(vectors, split, _unwrap_key(key_data, key_impl), num_tasks, num_steps)
-        return tuple(result), time.perf_counter() - start
+        result = self._evaluator.evaluate(vectors, unit.split, _unwrap_key(unit.key_data, unit.key_impl),
+                                          unit.num_tasks, unit.num_steps)
+        return ShardResult(tuple(result), time.perf_counter() - start)
 
 
 _RemoteWorker = ray.remote(_Worker)
+
+
+class WorkUnit(NamedTuple):
+    """What one shard's message carries besides its rows: a split, the task key as raw data, K and T."""
+
+    split: str
+    key_data: np.ndarray
+    key_impl: str | None
+    num_tasks: int
+    num_steps: int
+
+
+class ShardResult(NamedTuple):
+    """An actor's answer for one shard: the Evaluation arrays of its rows and the seconds it computed."""
+
+    arrays: tuple
+    seconds: float
 
 
 @dataclass
@@ -181,7 +198,7 @@ class _Slot:
 
 @dataclass
 class _Window:
-    """Metrics accumulated since ``last_metrics`` was last read (one generation in the run loop)."""
+    """Metrics accumulated since ``pop_metrics`` was last called (one generation in the run loop)."""
 
     calls: int = 0
     shards: int = 0
@@ -198,8 +215,8 @@ class _Call:
     """One ``evaluate`` call: shards of ``ceil(P / num_actors)`` rows (the last padded by repeating its last
     row, so every shard has the same shape and compiles once per actor), their attempts and results."""
 
-    def __init__(self, vectors: np.ndarray, message: tuple, num_actors: int):
-        self.vectors, self.message = vectors, message  # message: (split, key data, key impl, K, T)
+    def __init__(self, vectors: np.ndarray, message: WorkUnit, num_actors: int):
+        self.vectors, self.message = vectors, message
         num_rows = len(vectors)
         self.shard_size = max(1, math.ceil(num_rows / max(1, min(num_actors, num_rows))))
         self.bounds = [(a, min(a + self.shard_size, num_rows)) for a in range(0, max(num_rows, 1), self.shard_size)]
@@ -342,7 +359,7 @@ class RayEvaluator:
         if not usable:
             raise WorkersLostError(f"all {self.num_workers} Ray workers are lost (restarts exhausted or nodes "
                                    f"gone); last: {self._last_death}")
-        call = _Call(np.asarray(vectors), (split, *_key_message(task_key), int(num_tasks), int(num_steps)),
+        call = _Call(np.asarray(vectors), WorkUnit(split, *_key_message(task_key), int(num_tasks), int(num_steps)),
                      len(usable))
         try:
             for shard in range(call.num_shards):
@@ -363,7 +380,7 @@ class RayEvaluator:
 
     def _submit(self, call: _Call, shard: int, slot: _Slot) -> None:
         call.attempts[shard] += 1
-        call.pending[slot.handle.evaluate.remote(call.shard_vectors(shard), *call.message)] = (shard, slot)
+        call.pending[slot.handle.evaluate.remote(call.shard_vectors(shard), call.message)] = (shard, slot)
         with self._lock:
             self._in_flight[shard] = slot
 
@@ -400,7 +417,7 @@ class RayEvaluator:
         with self._lock:
             self._in_flight.pop(shard, None)
         try:
-            arrays, seconds = ray.get(ref)
+            arrays, seconds = ray.get(ref)  # a ShardResult
         except _RETRYABLE as error:
             self._window.failures += 1
             self._window.failure_log.append(
@@ -419,7 +436,7 @@ class RayEvaluator:
             call.results[shard] = arrays
             call.busy[slot.index] = call.busy.get(slot.index, 0.0) + seconds
             slot.busy_seconds += seconds
-            slot.episodes += call.num_rows(shard) * call.message[3]
+            slot.episodes += call.num_rows(shard) * call.message.num_tasks
 
     def _poll_probes(self, timeout: float) -> None:
         if self._probes:
@@ -477,11 +494,6 @@ class RayEvaluator:
         if window.failure_log:
             metrics["ray_failure_log"] = window.failure_log
         return metrics
-
-    @property
-    def last_metrics(self) -> dict[str, Any]:
-        """:meth:`pop_metrics` (reading starts a new window)."""
-        return self.pop_metrics()
 
     # -------------------------------------------------------------------------------------- close
     def close(self) -> None:
