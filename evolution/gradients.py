@@ -6,8 +6,10 @@ an optax optimizer on the vector sees well-scaled coordinates (``η̃`` lives on
 
     meta_loss(v) = mean over tasks k of CE_query(k, synapses after T inner rule steps of unravel(v))
 
-It equals the mean raw ``cross_entropy`` of :func:`workers.engine.episode` (same initial synapses, same
-support batches, same ``skip_last_update``); the tests pin the two together.
+It is built from the same inner-loop core as ES fitness (:mod:`workers.unroll`: ``unroll`` and the
+cross-entropy of ``query_outputs``), so it equals the mean raw ``cross_entropy`` of
+:func:`workers.engine.episode` (same initial synapses, same support batches, same ``skip_last_update``); the
+tests pin the two together.
 
 Estimators share one pure, jitted interface::
 
@@ -39,7 +41,6 @@ truncated and one-step methods comes from ignoring how earlier steps shape later
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,8 +49,9 @@ import jax.numpy as jnp
 
 import genome as G
 from evolution.evograd import softmax_merge
-from workers.engine import EpisodeConfig, query_scores
+from workers.engine import EpisodeConfig
 from workers.task_types import Task
+from workers.unroll import init_task_synapses, num_updates, query_loss, query_scores, unroll
 
 ESTIMATORS = ("full", "truncated", "pes", "evograd")
 REMAT_MODES = ("none", "step", "sqrt")
@@ -120,66 +122,6 @@ class Estimate(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ the unroll
-
-
-def num_updates(config: EpisodeConfig) -> int:
-    """Inner steps that update the synapses (T, or T-1 with ``skip_last_update``), as in the engine."""
-    return config.num_steps - 1 if config.skip_last_update and config.num_steps > 0 else config.num_steps
-
-
-def query_loss(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task) -> jax.Array:
-    """Softmax cross-entropy of state 0 of the last layer on the task's query set (one task)."""
-    return query_scores(G.predict(spec, genome, synapses, task.query_x), task.query_y)[1]
-
-
-def unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task, start, length: int,
-           stop=None, remat: str = "none") -> G.Synapses:
-    """``length`` rule steps on support batches ``start, start+1, ...`` of one task.
-
-    Steps whose index is ``>= stop`` leave the synapses unchanged (fixed-size windows at the end of an
-    unroll). ``start`` and ``stop`` may be traced. ``remat``: see the module docstring.
-    """
-
-    def body(syn, t):
-        x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
-        y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
-        new = G.step(spec, genome, syn, x, y)
-        if stop is not None:
-            new = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, syn)
-        return new, None
-
-    if length == 0:
-        return synapses
-    if remat == "none":
-        return jax.lax.scan(body, synapses, start + jnp.arange(length))[0]
-    if remat == "step":
-        return jax.lax.scan(jax.checkpoint(body), synapses, start + jnp.arange(length))[0]
-    # sqrt: checkpointed segments; only the segment boundaries are stored, a segment is recomputed on the
-    # way back. Padding steps beyond `length` are masked out.
-    segment = math.ceil(math.sqrt(length))
-    num_segments = math.ceil(length / segment)
-    if num_segments * segment != length:
-        stop = start + length if stop is None else jnp.minimum(stop, start + length)
-        return unroll(spec, genome, synapses, task, start, num_segments * segment, stop, remat)
-
-    @jax.checkpoint
-    def run_segment(syn, ts):
-        return jax.lax.scan(body, syn, ts)[0], None
-
-    times = (start + jnp.arange(length)).reshape(num_segments, segment)
-    return jax.lax.scan(run_segment, synapses, times)[0]
-
-
-def init_task_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, dtype=jnp.float32) -> G.Synapses:
-    """Fresh synapses for each task ``[K, ...]``: the engine's float32 initialization, cast to ``dtype`` (so
-    a float64 meta-loss starts from exactly the synapses that evolution's episodes start from)."""
-    per_task = [_init_float32(spec, key) for key in synapse_keys]  # one compilation whatever K is
-    return jax.tree.map(lambda *a: jnp.stack(a).astype(dtype), *per_task)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_float32(spec, key):
-    return G.init_synapses(spec, key, jnp.float32)
 
 
 def meta_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys: jax.Array,

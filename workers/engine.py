@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ import numpy as np
 
 import genome as G
 from workers.task_types import Task
+from workers.unroll import EpisodeResult, num_updates, query_scores, score, unroll
 
 FITNESS_METRICS = ("cross_entropy", "error_rate")
 AGGREGATIONS = ("mean", "median", "quantile", "worst")
@@ -65,48 +65,23 @@ class EpisodeConfig:
             raise ValueError(f"curve_steps must lie in 0..{self.num_steps}, got {self.curve_steps}")
 
 
-class EpisodeResult(NamedTuple):
-    """Per-episode outcome; :func:`evaluate` returns it with leading axes ``[P, K]``."""
-
-    fitness: jax.Array  # lower is better
-    accuracy: jax.Array
-    cross_entropy: jax.Array  # raw (unclipped, may be non-finite)
-    diverged: jax.Array  # bool
-    curve: jax.Array  # [len(curve_steps)] query accuracy after each recorded step count
-
-
-def query_scores(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(accuracy, mean softmax cross-entropy) of ``logits [Q, n]`` against integer ``labels [Q]``."""
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    cross_entropy = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
-    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
-    return accuracy, cross_entropy
-
-
 def _learn(spec, genome, synapses, task, start, stop):
-    """Inner steps on support batches ``start..stop-1``. Scans over step indices and reads each batch in
-    place, so no copy of the support data is made and memory does not grow with the number of steps."""
-
-    def body(syn, t):
-        x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
-        y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
-        return G.step(spec, genome, syn, x, y), None
-
-    return jax.lax.scan(body, synapses, jnp.arange(start, stop))[0]
+    """Inner steps on support batches ``start..stop-1`` (:func:`workers.unroll.unroll`)."""
+    return unroll(spec, genome, synapses, task, start, stop - start)
 
 
 def train(spec: G.NetworkSpec, genome: G.Genome, task: Task, synapse_key: jax.Array, config: EpisodeConfig):
     """Fresh synapses, then the inner steps of ``config``; returns (final synapses, curve accuracies)."""
     synapses = G.init_synapses(spec, synapse_key)
-    num_updates = config.num_steps - 1 if config.skip_last_update and config.num_steps > 0 else config.num_steps
+    updates = num_updates(config)
     curve = []
     done = 0
     for target in sorted(set(config.curve_steps)):  # learn in segments between curve points
-        target = min(target, num_updates)
+        target = min(target, updates)
         synapses = _learn(spec, genome, synapses, task, done, target)
         done = target
         curve.append(query_scores(G.predict(spec, genome, synapses, task.query_x), task.query_y)[0])
-    synapses = _learn(spec, genome, synapses, task, done, num_updates)
+    synapses = _learn(spec, genome, synapses, task, done, updates)
     order = [sorted(set(config.curve_steps)).index(s) for s in config.curve_steps]
     curve_values = jnp.stack([curve[i] for i in order]) if curve else jnp.zeros((0,))
     return synapses, curve_values
@@ -117,16 +92,7 @@ def episode(
 ) -> EpisodeResult:
     """One fitness sample of ``genome`` on ``task``. Differentiable with respect to ``genome``."""
     synapses, curve = train(spec, genome, task, synapse_key, config)
-    logits = G.predict(spec, genome, synapses, task.query_x)
-    accuracy, cross_entropy = query_scores(logits, task.query_y)
-    diverged = ~(jnp.all(jnp.isfinite(logits)) & jnp.isfinite(cross_entropy))
-    if config.fitness == "cross_entropy":
-        fitness = jnp.where(diverged, config.max_loss, jnp.minimum(cross_entropy, config.max_loss))
-    else:
-        fitness = jnp.where(diverged, 1.0, 1.0 - accuracy)
-    accuracy = jnp.where(diverged, 0.0, accuracy)
-    curve = jnp.where(jnp.isfinite(curve), curve, 0.0)
-    return EpisodeResult(fitness, accuracy, cross_entropy, diverged, curve)
+    return score(spec, genome, synapses, task, config, curve)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

@@ -1,0 +1,129 @@
+"""The inner loop, in one place: the rule's unroll over support batches and the query scores of the result.
+
+Every outer loop is built on these functions — ES fitness (:func:`workers.engine.episode` /
+:func:`workers.engine.evaluate`), the gradient meta-loss and each meta-gradient estimator
+(:mod:`evolution.gradients`) — so the quantity a gradient method differentiates is literally the quantity
+evolution scores:
+
+* :func:`num_updates`: inner steps that update the synapses (T, or T-1 with ``skip_last_update``);
+* :func:`unroll`: ``length`` rule steps from support batch ``start`` (optionally masked at ``stop``,
+  optionally rematerialized for backprop);
+* :func:`query_outputs`: (accuracy, cross-entropy, diverged) of state 0 of the last layer on the query set;
+  :func:`query_loss` is its differentiable cross-entropy, :func:`score` the ES fitness of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import genome as G
+from workers.task_types import Task
+
+__all__ = ["EpisodeResult", "init_task_synapses", "num_updates", "query_loss", "query_outputs", "query_scores",
+           "score", "unroll"]
+
+
+class EpisodeResult(NamedTuple):
+    """Per-episode outcome; :func:`evaluate` returns it with leading axes ``[P, K]``."""
+
+    fitness: jax.Array  # lower is better
+    accuracy: jax.Array
+    cross_entropy: jax.Array  # raw (unclipped, may be non-finite)
+    diverged: jax.Array  # bool
+    curve: jax.Array  # [len(curve_steps)] query accuracy after each recorded step count
+
+
+def query_scores(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(accuracy, mean softmax cross-entropy) of ``logits [Q, n]`` against integer ``labels [Q]``."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    cross_entropy = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+    accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
+    return accuracy, cross_entropy
+
+
+def num_updates(config) -> int:
+    """Inner steps that update the synapses (T, or T-1 with ``skip_last_update``), as in the engine."""
+    return config.num_steps - 1 if config.skip_last_update and config.num_steps > 0 else config.num_steps
+
+
+def query_loss(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task) -> jax.Array:
+    """Softmax cross-entropy of state 0 of the last layer on the task's query set (one task): the
+    cross-entropy of :func:`query_outputs`, which ES fitness scores too."""
+    return query_outputs(spec, genome, synapses, task)[1]
+
+
+def unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task, start, length: int,
+           stop=None, remat: str = "none") -> G.Synapses:
+    """``length`` rule steps on support batches ``start, start+1, ...`` of one task.
+
+    Steps whose index is ``>= stop`` leave the synapses unchanged (fixed-size windows at the end of an
+    unroll). ``start`` and ``stop`` may be traced. ``remat``: see the module docstring.
+    """
+
+    def body(syn, t):
+        x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
+        y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
+        new = G.step(spec, genome, syn, x, y)
+        if stop is not None:
+            new = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, syn)
+        return new, None
+
+    if length == 0:
+        return synapses
+    if remat == "none":
+        return jax.lax.scan(body, synapses, start + jnp.arange(length))[0]
+    if remat == "step":
+        return jax.lax.scan(jax.checkpoint(body), synapses, start + jnp.arange(length))[0]
+    # sqrt: checkpointed segments; only the segment boundaries are stored, a segment is recomputed on the
+    # way back. Padding steps beyond `length` are masked out.
+    segment = math.ceil(math.sqrt(length))
+    num_segments = math.ceil(length / segment)
+    if num_segments * segment != length:
+        stop = start + length if stop is None else jnp.minimum(stop, start + length)
+        return unroll(spec, genome, synapses, task, start, num_segments * segment, stop, remat)
+
+    @jax.checkpoint
+    def run_segment(syn, ts):
+        return jax.lax.scan(body, syn, ts)[0], None
+
+    times = (start + jnp.arange(length)).reshape(num_segments, segment)
+    return jax.lax.scan(run_segment, synapses, times)[0]
+
+
+def init_task_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, dtype=jnp.float32) -> G.Synapses:
+    """Fresh synapses for each task ``[K, ...]``: the engine's float32 initialization, cast to ``dtype`` (so
+    a float64 meta-loss starts from exactly the synapses that evolution's episodes start from)."""
+    per_task = [_init_float32(spec, key) for key in synapse_keys]  # one compilation whatever K is
+    return jax.tree.map(lambda *a: jnp.stack(a).astype(dtype), *per_task)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_float32(spec, key):
+    return G.init_synapses(spec, key, jnp.float32)
+
+
+def query_outputs(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task):
+    """(accuracy, raw cross-entropy, diverged) of state 0 of the last layer on the task's query set."""
+    logits = G.predict(spec, genome, synapses, task.query_x)
+    accuracy, cross_entropy = query_scores(logits, task.query_y)
+    diverged = ~(jnp.all(jnp.isfinite(logits)) & jnp.isfinite(cross_entropy))
+    return accuracy, cross_entropy, diverged
+
+
+def score(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task, config,
+          curve: jax.Array) -> EpisodeResult:
+    """The ES fitness of trained ``synapses``: query cross-entropy (capped at ``config.max_loss``) or error
+    rate; a diverged episode scores the worst value. ``curve``: accuracies recorded along the unroll."""
+    accuracy, cross_entropy, diverged = query_outputs(spec, genome, synapses, task)
+    if config.fitness == "cross_entropy":
+        fitness = jnp.where(diverged, config.max_loss, jnp.minimum(cross_entropy, config.max_loss))
+    else:
+        fitness = jnp.where(diverged, 1.0, 1.0 - accuracy)
+    accuracy = jnp.where(diverged, 0.0, accuracy)
+    curve = jnp.where(jnp.isfinite(curve), curve, 0.0)
+    return EpisodeResult(fitness, accuracy, cross_entropy, diverged, curve)
