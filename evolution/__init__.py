@@ -14,7 +14,7 @@ _EXPORTS = {
     "Run": "evolution.run", "local_evaluator": "evolution.run", "num_steps_at": "evolution.run",
     "STRATEGIES": "evolution.strategies", "Strategy": "evolution.strategies", "make_strategy": "evolution.strategies",
     "CheckpointError": "evolution.checkpoint", "load_checkpoint": "evolution.checkpoint",
-    "compare_on_heldout": "evolution.report",
+    "compare_on_heldout": "workers.report",
     "estimate": "evolution.resources", "check_run_config": "evolution.resources",
     "main": "evolution.cli",
 }

@@ -186,7 +186,7 @@ def _run_to_end(run, quiet: bool) -> int:
 
 def _run_and_report(run, quiet: bool) -> int:
     from evolution.checkpoint import atomic_write_text
-    from evolution.report import format_markdown, format_table
+    from workers.report import format_markdown, format_table
     from evolution.resources import check_run_config
     from evolution.run import num_steps_at
     from evolution.signals import Interrupted
@@ -239,7 +239,7 @@ def _run_and_report(run, quiet: bool) -> int:
 
 
 def _report(run, num_steps: int) -> dict:
-    from evolution.report import compare_on_heldout
+    from workers.report import compare_on_heldout
     from evolution.run import _TEST, split_key
 
     config = run.config

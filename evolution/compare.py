@@ -4,7 +4,7 @@ Every method starts from the same initial genome (``strategy.init``), meta-train
 (train split) and is measured on the same held-out tasks (test split) whenever it has consumed another
 ``budget / num_points`` inner steps, until the shared inner-step budget (and optional wall-clock limit) is
 spent. Each method runs once per seed. The final genomes are then scored next to tuned SGD, SGD+momentum,
-Adam and the tuned backprop genome with :func:`evolution.report.compare_on_heldout`.
+Adam and the tuned backprop genome with :func:`workers.report.compare_on_heldout`.
 
 The YAML file is an ordinary experiment config (network, task, episode, strategy, run, report) plus a
 ``compare:`` section, parsed here::
@@ -52,7 +52,7 @@ from evolution import gradients as GR
 from evolution import outer_loop as OL
 from evolution.config import (MAX_POPULATION, MAX_SEED, MAX_STEPS, MAX_TASKS, Config, ConfigError, apply_override,
                                check_bounds, check_strategy_options, config_from_dict, config_to_dict, read_yaml_file)
-from evolution.report import compare_on_heldout
+from workers.report import compare_on_heldout
 from evolution.run import Run, initial_vector, local_evaluator, network_spec
 from workers import engine
 from workers.evaluator import synapse_keys

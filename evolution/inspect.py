@@ -134,7 +134,7 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
                 print("\nbest genome:")
                 print(format_genome(*best))
             if report:
-                from evolution.report import format_table
+                from workers.report import format_table
 
                 print()
                 print(format_table(report))
@@ -164,7 +164,7 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
     baselines on held-out tasks; prints a table (or JSON) and optionally writes a PNG. Values are checked
     here (ConfigError naming the flag), so the library call is as safe as the CLI."""
     from evolution.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, ConfigError, check_range
-    from evolution.report import compare_on_heldout, format_table
+    from workers.report import compare_on_heldout, format_table
     from evolution.resources import check_memory, estimate
     from evolution.run import task_family
     from workers.tasks import FAMILIES, TaskConfig

@@ -46,7 +46,7 @@ from workers.engine import EpisodeConfig
 from workers.evaluator import Evaluation, LocalEvaluator
 from workers.tasks import TaskConfig
 
-__all__ = ["TIMING_METRICS", "RayEvaluator", "WorkersLostError", "actor_options", "bench_ray", "check_device",
+__all__ = ["TIMING_METRICS", "RayEvaluator", "WorkersLostError", "actor_options", "check_device",
            "connection_mode"]
 
 # metrics keys whose values are timings (excluded when comparing runs)
@@ -571,76 +571,3 @@ def _enable_token_auth_if_available() -> None:
             Config.initialize("")
         except Exception:  # noqa: BLE001 - older Ray: the environment variable is enough
             pass
-
-
-# -------------------------------------------------------------------------------------------- bench
-
-
-def bench_ray(spec: G.NetworkSpec, task_config: TaskConfig, episode_config: EpisodeConfig,
-              num_workers_list: Sequence[int] = (1, 2), *, population_size: int = 64, num_tasks: int = 8,
-              num_steps: int | None = None, repeats: int = 5, cpus_per_worker: float = 1.0,
-              address: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Throughput of Ray with 1, 2, ... workers vs the in-process evaluator on the same work.
-
-    Each configuration is warmed up (compiled) by one call, then timed over ``repeats`` calls with new task
-    keys. Per pool size: episodes/s and inner steps/s, ``speedup_vs_in_process``, ``per_core_efficiency``
-    (episodes/s per worker CPU over in-process episodes/s per core of this machine), ``overhead_share`` (the
-    part of a call's wall time not covered by the busiest worker's compute: scheduling, transfer, driver) and
-    ``dispatch_share`` (driver time outside waiting). A local Ray is started for the whole benchmark unless
-    this process is connected or ``address`` is given.
-    """
-    num_steps = episode_config.num_steps if num_steps is None else num_steps
-    vectors = np.asarray(jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k)))(
-        jax.random.split(jax.random.key(seed), population_size)), np.float32)
-    episodes = population_size * num_tasks
-    cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-    def measure(evaluator) -> float:
-        evaluator.evaluate(vectors, "train", jax.random.key(seed), num_tasks, num_steps)
-        getattr(evaluator, "pop_metrics", dict)()
-        start = time.perf_counter()
-        for r in range(repeats):
-            evaluator.evaluate(vectors, "train", jax.random.key(seed + 1 + r), num_tasks, num_steps)
-        return (time.perf_counter() - start) / repeats
-
-    local = LocalEvaluator(spec, task_config, episode_config)
-    seconds = measure(local)
-    local.close()
-    report: dict[str, Any] = {
-        "population_size": population_size, "num_tasks": num_tasks, "num_steps": num_steps, "repeats": repeats,
-        "cpu_count": cpu_count, "cpus_per_worker": cpus_per_worker,
-        "in_process": {"backend": jax.default_backend(), "seconds_per_call": seconds,
-                       "episodes_per_s": episodes / seconds, "inner_steps_per_s": episodes * num_steps / seconds},
-        "ray": {},
-    }
-    base = report["in_process"]["episodes_per_s"]
-    mode = connection_mode(address, os.environ, ray.is_initialized())  # one Ray for every pool size
-    started = _start_local_ray(math.ceil(max(num_workers_list) * cpus_per_worker), False) if mode == "start" else []
-    if mode == "connect":
-        _enable_token_auth_if_available()
-        ray.init(address=address)
-    try:
-        for n in num_workers_list:
-            evaluator = RayEvaluator(spec, task_config, episode_config, num_workers=n, cpus_per_worker=cpus_per_worker)
-            try:
-                seconds = measure(evaluator)
-                metrics = evaluator.pop_metrics()
-            finally:
-                evaluator.close()
-            rate = episodes / seconds
-            report["ray"][str(n)] = {
-                "seconds_per_call": seconds, "episodes_per_s": rate, "inner_steps_per_s": rate * num_steps,
-                "speedup_vs_in_process": rate / base,
-                "per_core_efficiency": (rate / (n * cpus_per_worker)) / (base / cpu_count),
-                "overhead_share": metrics["ray_overhead_time"] / metrics["ray_eval_time"],
-                "dispatch_share": metrics["ray_dispatch_time"] / metrics["ray_eval_time"],
-            }
-    finally:
-        if mode == "start":
-            _shutdown_local_ray(started)
-        elif mode == "connect":
-            ray.shutdown()
-    first = report["ray"][str(min(num_workers_list))]
-    for row in report["ray"].values():
-        row["scaling_vs_fewest_workers"] = row["episodes_per_s"] / first["episodes_per_s"]
-    return report
