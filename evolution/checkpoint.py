@@ -47,6 +47,7 @@ class Checkpoint(NamedTuple):
     config: dict[str, Any] | None  # the config identity it was written under
     checksum: str
     signature: str | None
+    extra: dict[str, np.ndarray]  # further arrays (the inner state of truncation-aware strategies)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -98,12 +99,14 @@ def verify(key: bytes | None, digest: str, signature: str | None) -> bool:
 
 def save_checkpoint(run_dir: Path, counters: dict[str, Any], strategy_state: bytes,
                     best_vector: np.ndarray | None, *, run_id: str = "", config: dict[str, Any] | None = None,
-                    key: bytes | None = None) -> Path:
+                    key: bytes | None = None, extra: dict[str, np.ndarray] | None = None) -> Path:
     from safetensors.numpy import save as save_bytes
 
     arrays = {"strategy_state": np.frombuffer(strategy_state, dtype=np.uint8).copy()}
     if best_vector is not None:
         arrays["best_vector"] = np.asarray(best_vector, np.float32)
+    for name, array in (extra or {}).items():
+        arrays[f"extra/{name}"] = np.ascontiguousarray(array)
     meta = {"format": CHECKPOINT_FORMAT, "counters": json.dumps(counters, sort_keys=True), "run_id": run_id,
             "config": json.dumps(config, sort_keys=True)}
     checksum = _checksum(meta, arrays)
@@ -145,8 +148,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             raise
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+    extra = {name[len("extra/"):]: array for name, array in arrays.items() if name.startswith("extra/")}
     return Checkpoint(counters, arrays["strategy_state"].tobytes(), arrays.get("best_vector"), header["run_id"],
-                      config, header["checksum"], header.get("signature"))
+                      config, header["checksum"], header.get("signature"), extra)
 
 
 class MetricsLog:

@@ -287,6 +287,18 @@ def check_bounds(config: Any, bounds: dict[str, tuple] = BOUNDS) -> None:
 
 
 ANTITHETIC_STRATEGIES = ("open_es", "pgpe", "persistent_es", "noise_reuse_es")
+# strategies that carry each candidate's inner state across generations (partial unrolls)
+TRUNCATION_AWARE = ("persistent_es", "noise_reuse_es")
+
+
+def strategy_options(config: Config) -> dict[str, Any]:
+    """The strategy's options as a run builds it: a truncation-aware strategy's ``unroll_length`` is the
+    episode's ``num_steps`` (one whole unroll), and its ``truncation_length`` defaults to 10 (at most T)."""
+    options = dict(config.strategy.options)
+    if config.strategy.name in TRUNCATION_AWARE:
+        options.setdefault("unroll_length", config.episode.num_steps)
+        options.setdefault("truncation_length", min(10, config.episode.num_steps))
+    return options
 
 
 def check_strategy_options(name: str, options: dict, key: str = "strategy.options") -> None:
@@ -350,6 +362,18 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"strategy.population_size: {strategy.name} samples antithetic pairs, so the population "
                           f"must be even; got {strategy.population_size}")
     check_strategy_options(strategy.name, strategy.options)
+    if strategy.name in TRUNCATION_AWARE:
+        options = strategy.options
+        if options.get("unroll_length", config.episode.num_steps) != config.episode.num_steps:
+            raise ConfigError(f"strategy.options.unroll_length: a whole unroll is episode.num_steps "
+                              f"({config.episode.num_steps}) inner steps; leave it out or set it equal")
+        rules = [("evaluator.kind", config.evaluator.kind == "local", "must be 'local' (each candidate's inner "
+                  "state stays in this process)"),
+                 ("run.curriculum.every", config.run.curriculum.every == 0, "must be 0 (the unroll length is fixed)"),
+                 ("episode.skip_last_update", not config.episode.skip_last_update, "must be false")]
+        for key, ok, message in rules:
+            if not ok:
+                raise ConfigError(f"{key}: {message} for the truncation-aware strategy {strategy.name}")
     try:
         spec = config.network_spec(2, 2)
     except SpecError as error:
@@ -357,7 +381,7 @@ def _validate(config: Config) -> None:
     from genome.params import num_dims
 
     try:
-        make_strategy(strategy.name, num_dims(spec), strategy.population_size, strategy.options)
+        make_strategy(strategy.name, num_dims(spec), strategy.population_size, strategy_options(config))
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"strategy.options: {_first_line(error)}") from None
 

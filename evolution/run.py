@@ -26,7 +26,7 @@ import genome as G
 from evolution import rundir
 from evolution.checkpoint import (CheckpointError, MetricsLog, atomic_write_text, config_differences,
                                   config_identity, load_checkpoint, save_checkpoint, verify)
-from evolution.config import Config, ConfigError, dump_config, load_config
+from evolution.config import TRUNCATION_AWARE, Config, ConfigError, dump_config, load_config, strategy_options
 from evolution.resources import check_run_config
 from evolution.signals import critical
 from genome.io import failpoint
@@ -91,7 +91,7 @@ def check_strategy(config: Config, spec: G.NetworkSpec, mean: np.ndarray):
     evosax reject surface now as a ConfigError, not at generation 0 of a run."""
     try:
         strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
-                                 config.strategy.options)
+                                 strategy_options(config))
         key = jax.random.key(0)
         state = strategy.init(key, mean, config.strategy.sigma)
         population, state = strategy.ask(key, state)
@@ -164,11 +164,13 @@ class RunState:
     best_vector: np.ndarray | None = None
     stop_reason: str | None = None
     failures: list = field(default_factory=list)
+    unroll_generation: int | None = None  # truncation-aware strategies: generation the current unroll began
 
     def counters(self) -> dict[str, Any]:
         return {"generation": self.generation, "evaluations": self.evaluations, "inner_steps": self.inner_steps,
                 "elapsed": self.elapsed, "best_score": self.best_score, "best_generation": self.best_generation,
-                "stop_reason": self.stop_reason, "failures": self.failures}
+                "stop_reason": self.stop_reason, "failures": self.failures,
+                "unroll_generation": self.unroll_generation}
 
 
 class Run:
@@ -177,7 +179,10 @@ class Run:
     def __init__(self, config: Config, run_dir: Path, evaluator: Evaluator, spec: G.NetworkSpec):
         self.config, self.run_dir, self.evaluator, self.spec = config, Path(run_dir), evaluator, spec
         self.strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
-                                      config.strategy.options)
+                                      strategy_options(config))
+        # truncation-aware strategies: every candidate's synapses [P, K, ...] carried across generations
+        self.truncated = config.strategy.name in TRUNCATION_AWARE
+        self.inner: G.Synapses | None = None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.state = RunState()
         self.strategy_state = None
@@ -252,7 +257,7 @@ class Run:
             spec = network_spec(config)
             check_run_config(config, spec)
             strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
-                                     config.strategy.options)
+                                     strategy_options(config))
             key = rundir.load_run_key(run_id)
             if getattr(strategy, "state_is_pickle", False) and not verify(key, checkpoint.checksum,
                                                                                   checkpoint.signature):
@@ -271,6 +276,7 @@ class Run:
             run.lock, run.run_id, run.key = lock, run_id, key
             run.strategy_state = strategy_state
             run.state = state
+            run.inner = run._inner_from_arrays(checkpoint.extra)
             run.checkpointed_generation = state.generation
             metrics.truncate_to(state.generation)
         except BaseException:
@@ -295,9 +301,35 @@ class Run:
         self._checkpoint_seconds = time.perf_counter() - start
 
     def _save_checkpoint(self) -> None:
+        extra = {}
+        if self.inner is not None:
+            extra = {f"inner_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(self.inner))}
         save_checkpoint(self.run_dir, self.state.counters(), self.strategy.state_to_bytes(self.strategy_state),
                         self.state.best_vector, run_id=self.run_id, config=config_identity(self.config),
-                        key=self.key)
+                        key=self.key, extra=extra)
+
+    def _inner_template(self):
+        from workers.engine import init_window_synapses
+        from workers.evaluator import synapse_keys
+
+        keys = synapse_keys(jax.random.key(0), self.config.run.tasks_per_generation)
+        return jax.eval_shape(init_window_synapses, self.spec, keys, self.config.strategy.population_size)
+
+    def _inner_from_arrays(self, extra: dict[str, np.ndarray]) -> G.Synapses | None:
+        """The carried synapses of a truncation-aware run from checkpoint arrays (shapes checked)."""
+        if not extra:
+            if self.truncated and self.state.unroll_generation is not None:
+                raise CheckpointError("checkpoint.ckpt: the inner state of the unroll in progress is missing")
+            return None
+        if not self.truncated:
+            raise CheckpointError("checkpoint.ckpt: holds inner state, but the strategy is not truncation-aware")
+        template = self._inner_template()
+        leaves, treedef = jax.tree.flatten(template)
+        arrays = [extra.get(f"inner_{i}") for i in range(len(leaves))]
+        if len(extra) != len(leaves) or any(a is None or a.shape != t.shape or a.dtype != t.dtype
+                                             for a, t in zip(arrays, leaves)):
+            raise CheckpointError("checkpoint.ckpt: the inner state does not fit the network and population")
+        return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays])
 
     # ------------------------------------------------------------------------------------------ loop
     def stop_reason(self) -> str | None:
@@ -318,15 +350,28 @@ class Run:
         generation = state.generation
         num_steps = num_steps_at(config, generation)
         ask_key, task_key, tell_key = generation_keys(config, generation)
+        unroll_start = None
+        if self.truncated:  # the partial unroll of each candidate continues its own inner state
+            unroll_start = self.strategy.unroll_start(self.strategy_state)
+            if unroll_start == 0:
+                state.unroll_generation, self.inner = generation, None
+            task_key = generation_keys(config, state.unroll_generation)[1]  # one task batch per unroll
         population, self.strategy_state = self.strategy.ask(ask_key, self.strategy_state)
         eval_start = time.perf_counter()
-        result = self.evaluator.evaluate(population, "train", task_key, config.run.tasks_per_generation, num_steps)
+        if self.truncated:
+            window = int(strategy_options(config)["truncation_length"])
+            result, self.inner = self.evaluator.evaluate_window(
+                population, self.inner, "train", task_key, config.run.tasks_per_generation, num_steps, unroll_start,
+                window)
+        else:
+            result = self.evaluator.evaluate(population, "train", task_key, config.run.tasks_per_generation,
+                                             num_steps)
         eval_time = time.perf_counter() - eval_start
         fitness = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), config.episode))
         self.strategy_state = self.strategy.tell(tell_key, population, fitness, self.strategy_state)
         num_episodes = result.fitness.size
         state.evaluations += len(population)
-        state.inner_steps += num_episodes * num_steps
+        state.inner_steps += num_episodes * (window if self.truncated else num_steps)
         best_index = int(np.argmin(fitness))
         row = {
             "generation": generation,
@@ -341,6 +386,8 @@ class Run:
             "evaluations": state.evaluations,
             "inner_steps": state.inner_steps,
         }
+        if unroll_start is not None:
+            row["unroll_start"] = unroll_start
         row.update({f"strategy_{k}": v for k, v in self.strategy.info(self.strategy_state).items()})
         if config.run.target_fitness is not None and row["best_fitness"] <= config.run.target_fitness:
             state.stop_reason = "target_fitness"
@@ -400,7 +447,8 @@ class Run:
     def run(self, on_generation: Callable[[dict[str, Any]], None] | None = None) -> str:
         """Run generations until a stop criterion; returns the stop reason."""
         while (reason := self.stop_reason()) is None:
-            saved = (self.strategy_state, dataclasses.replace(self.state, failures=list(self.state.failures)))
+            saved = (self.strategy_state, dataclasses.replace(self.state, failures=list(self.state.failures)),
+                     self.inner)
             self._step_done = False
             try:
                 row = self.step()
@@ -410,7 +458,7 @@ class Run:
             except BaseException as error:
                 # every Ray worker lost, a signal, a failed write: keep the last complete generation on disk
                 if not self._step_done:
-                    self.strategy_state, self.state = saved
+                    self.strategy_state, self.state, self.inner = saved
                 try:
                     self.checkpoint()
                 except OSError:
@@ -434,7 +482,8 @@ def _checked_counters(checkpoint, config: Config, spec: G.NetworkSpec) -> RunSta
     """The checkpoint's counters as a RunState, every value type- and range-checked (CheckpointError)."""
     counters, where = checkpoint.counters, "checkpoint.ckpt"
     ints = ("generation", "evaluations", "inner_steps")
-    expected = set(ints) | {"elapsed", "best_score", "best_generation", "stop_reason", "failures"}
+    expected = set(ints) | {"elapsed", "best_score", "best_generation", "stop_reason", "failures",
+                            "unroll_generation"}
     if set(counters) != expected:
         raise CheckpointError(f"{where}: counters {sorted(set(counters) ^ expected)} missing or unexpected")
     for name in ints:
@@ -453,6 +502,10 @@ def _checked_counters(checkpoint, config: Config, spec: G.NetworkSpec) -> RunSta
     if counters["stop_reason"] not in (None, "generations", "max_evaluations", "max_wall_time", "target_fitness",
                                        "strategy", "inner_step_budget"):
         raise CheckpointError(f"{where}: unknown stop_reason {counters['stop_reason']!r}")
+    unroll = counters["unroll_generation"]
+    if unroll is not None and (isinstance(unroll, bool) or not isinstance(unroll, int)
+                               or not 0 <= unroll < max(counters["generation"], 1)):
+        raise CheckpointError(f"{where}: counter unroll_generation = {unroll!r} is out of range")
     if not isinstance(counters["failures"], list):
         raise CheckpointError(f"{where}: failures is not a list")
     best = checkpoint.best_vector

@@ -113,6 +113,33 @@ def evaluate(
     return _evaluate(spec, jnp.asarray(vectors, jnp.float32), tasks, synapse_keys, config)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _evaluate_window(spec, vectors, tasks, synapses, start, config, length):
+    genomes = jax.vmap(G.unravel, (None, 0))(spec, vectors)
+
+    def one(genome, task, syn):
+        syn = unroll(spec, genome, syn, task, start, length)
+        return score(spec, genome, syn, task, config, jnp.zeros((0,))), syn
+
+    return jax.vmap(jax.vmap(one, (None, 0, 0)), (0, None, 0))(genomes, tasks, synapses)
+
+
+def evaluate_window(spec: G.NetworkSpec, vectors: jax.Array, tasks: Task, synapses: G.Synapses, start,
+                    length: int, config: EpisodeConfig) -> tuple[EpisodeResult, G.Synapses]:
+    """Truncated unrolls (PES / NRES): candidate ``p`` continues its own ``synapses [P, K, ...]`` for
+    ``length`` inner steps from support batch ``start`` of each task and is scored on the query set after
+    them (the partial-unroll fitness). Returns (results ``[P, K]``, the synapses after the window)."""
+    return _evaluate_window(spec, jnp.asarray(vectors, jnp.float32), tasks, synapses,
+                            jnp.asarray(start, jnp.int32), config, int(length))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_window_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, population: int) -> G.Synapses:
+    """Fresh synapses ``[P, K, ...]``: task k's initial synapses (as in :func:`evaluate`) for every candidate."""
+    per_task = jax.vmap(lambda key: G.init_synapses(spec, key))(synapse_keys)
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (population,) + a.shape), per_task)
+
+
 def compiled_cache_size() -> int:
     """Number of compiled variants of the engine (used to check that generations do not recompile)."""
     return _evaluate._cache_size()

@@ -94,6 +94,23 @@ class LocalEvaluator:
         self.eval_seconds += time.perf_counter() - start
         return out
 
+    def evaluate_window(self, vectors, synapses, split: str, task_key: jax.Array, num_tasks: int,
+                        unroll_length: int, start: int, length: int) -> tuple[Evaluation, G.Synapses]:
+        """Partial unrolls of truncation-aware strategies (see :func:`engine.evaluate_window`): the unroll's
+        tasks are ``sample(task_key, num_tasks, unroll_length)``, the same whatever the window;
+        ``synapses=None`` starts every candidate from the tasks' fresh synapses."""
+        start_time = time.perf_counter()
+        tasks = self.family(split).sample(task_key, num_tasks, unroll_length)
+        vectors = jnp.asarray(vectors, jnp.float32)
+        if synapses is None:
+            synapses = engine.init_window_synapses(self.spec, synapse_keys(task_key, num_tasks), vectors.shape[0])
+        result, synapses = engine.evaluate_window(self.spec, vectors, tasks, synapses, start, length,
+                                                  dataclasses.replace(self.episode_config, num_steps=unroll_length))
+        out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,
+                                                   result.diverged)))
+        self.eval_seconds += time.perf_counter() - start_time
+        return out, synapses
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "devices": [str(d) for d in jax.devices()]}
 
