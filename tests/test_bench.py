@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import genome as G
+from genome import torch_population as TP
 from workers import bench as B
 from workers import engine as E
 from workers.task_types import Task
@@ -38,8 +39,8 @@ def test_torch_vectorized_step_and_per_genome_loop_compute_genome_step(spec):
 
 
 def test_the_check_catches_a_wrong_torch_step(monkeypatch):
-    right = B._mix
-    monkeypatch.setattr(B, "_mix", lambda a, matrix, out: right(a, matrix * 1.01, out))  # a 1% error
+    right = TP._mix
+    monkeypatch.setattr(TP, "_mix", lambda a, matrix, out: right(a, matrix * 1.01, out))  # a 1% error
     errors = B.check_torch_matches_jax(SMALL)
     assert errors["torch_vectorized_max_rel_err"] > 10 * B.CHECK_TOLERANCE
     assert errors["torch_loop_max_rel_err"] > 10 * B.CHECK_TOLERANCE
