@@ -197,6 +197,9 @@ def _run_and_report(run, quiet: bool) -> int:
           f"strategy {config.strategy.name} (population {config.strategy.population_size}), "
           f"task {config.task.family}, evaluator {config.evaluator.kind}; one generation "
           f"{check_run_config(config, run.spec).describe()}", flush=True)
+    from evolution.signals import reassert
+
+    reassert()  # the evaluator may have replaced the handlers (ray.init sets its own SIGTERM handler)
     progress = _Progress(config.run.generations, run.state.generation, quiet)
     try:
         reason = run.run(progress)

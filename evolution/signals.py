@@ -37,6 +37,9 @@ def _handler(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+_active = threading.Event()
+
+
 @contextlib.contextmanager
 def handle_signals():
     """Install the handlers for the duration of a command (main thread only; a no-op elsewhere)."""
@@ -46,11 +49,22 @@ def handle_signals():
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, _handler)
+    _active.set()
     try:
         yield
     finally:
+        _active.clear()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def reassert() -> None:
+    """Put the handlers back if a library replaced them (``ray.init`` installs its own SIGTERM handler,
+    which would exit without a checkpoint); a no-op outside :func:`handle_signals`."""
+    if _active.is_set() and threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not _handler:
+                signal.signal(s, _handler)
 
 
 @contextlib.contextmanager

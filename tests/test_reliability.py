@@ -659,3 +659,18 @@ def test_es_and_gradient_loops_share_one_horizon_that_never_cuts_below_the_base(
             expected = 4 + (increment * (index // every) if every else 0)
             assert steps == (min(expected, cap) if every and cap else expected)
     assert horizon(10, 5, every=1, increment=1, max_steps=3) == 10  # a cap below the base is not a cut
+
+
+def test_sigterm_with_the_ray_evaluator_checkpoints_and_resumes(tmp_path):
+    """ray.init installs its own SIGTERM handler (exit without a checkpoint); the run puts its own back."""
+    out = tmp_path / "ray-run"
+    overrides = ["run.generations=4", "report.learning_rates=[0.1]", "report.baselines=[sgd]",
+                 "report.backprop_genome=false"]
+    proc = blur("evolve", SMOKE, "--out", out, "--quiet", "--workers", 1, *set_args(overrides),
+                env={"BLUR_FAILPOINTS": "generation:2:SIGTERM"})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143 and "checkpointed at generation 2" in err and "blur resume" in err, err
+    resumed = blur("resume", out, "--quiet")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert [row["generation"] for row in metric_rows(out)] == [0, 1, 2, 3]
