@@ -221,7 +221,8 @@ def _run_and_report(run, quiet: bool) -> int:
     state = run.state
     print(f"stopped: {reason} after {state.generation} generations, {state.evaluations} evaluations, "
           f"{state.inner_steps} inner steps, {state.elapsed:.1f}s")
-    num_steps = num_steps_at(config, max(state.generation - 1, 0))
+    rows = run.metrics.read()  # the report trains for the horizon of the last generation
+    num_steps = rows[-1]["num_steps"] if rows else num_steps_at(config, 0)
     try:
         from genome.io import failpoint
 

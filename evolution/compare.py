@@ -204,7 +204,15 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> tupl
     if "compare" not in data:
         raise ConfigError(f"{path}: no 'compare:' section")
     compare = parse_compare(data.pop("compare"))
-    return config_from_dict(data), compare
+    config = config_from_dict(data)
+    if config.run.curriculum.every:
+        raise ConfigError("run.curriculum.every: blur compare counts the curriculum in inner steps so that every "
+                          "method has the same horizon at the same budget point; use run.curriculum.every_inner_steps")
+    for index, method in enumerate(compare.methods):
+        if method.curriculum_every:
+            raise ConfigError(f"compare.methods[{index}].curriculum_every: use run.curriculum.every_inner_steps, "
+                              "shared by every method")
+    return config, compare
 
 
 def estimator_config(method: MethodConfig) -> GR.EstimatorConfig:
@@ -252,11 +260,11 @@ def run_es(config: Config, compare: CompareConfig, method: MethodConfig, seed: i
     curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
     while run.state.inner_steps < compare.inner_step_budget and run.stop_reason() is None:
         before = run.state.inner_steps
-        run.step()
+        row = run.step()
         if run.state.inner_steps // every > before // every or run.state.inner_steps >= compare.inner_step_budget:
             accuracy, loss = heldout.measure(run.strategy.mean(run.strategy_state))
             curve.append({"inner_steps": run.state.inner_steps, "wall_time": run.state.elapsed,
-                          "accuracy": accuracy, "loss": loss})
+                          "accuracy": accuracy, "loss": loss, "num_steps": row["num_steps"], "step_start": before})
     run.state.stop_reason = run.state.stop_reason or "inner_step_budget"
     run.checkpoint()
     run.close()
@@ -310,17 +318,27 @@ def _es_memory(config: Config, spec: G.NetworkSpec, population: int, num_steps: 
                               compiler_options=_FAST_COMPILE)["temp"]
 
 
+def _shared_curriculum(config: Config) -> dict[str, Any]:
+    """``run.curriculum.every_inner_steps`` for the gradient loops: the same horizon function of the inner-step
+    budget as the ES run loop, so every method has the same horizon at the same budget point."""
+    curriculum = config.run.curriculum
+    if not curriculum.every_inner_steps:
+        return {}
+    return {"curriculum_every_inner_steps": curriculum.every_inner_steps,
+            "curriculum_increment": curriculum.increment, "curriculum_max_steps": curriculum.max_steps}
+
+
 def run_gradient(config: Config, compare: CompareConfig, method: MethodConfig, seed: int, spec: G.NetworkSpec,
                  heldout: HeldOut, initial: np.ndarray) -> dict[str, Any]:
     """One gradient-based outer loop until the inner-step budget is spent."""
     estimator = estimator_config(method)
     tasks_per_step = method.tasks_per_step or config.run.tasks_per_generation
+    curriculum = {"curriculum_every": method.curriculum_every, "curriculum_increment": method.curriculum_increment,
+                  "curriculum_max_steps": method.curriculum_max_steps} | _shared_curriculum(config)
     outer = OL.OuterLoopConfig(
         estimator, learning_rate=method.learning_rate, clip_norm=method.clip_norm, num_meta_steps=10**9,
         tasks_per_step=tasks_per_step, max_inner_steps=compare.inner_step_budget,
-        max_wall_time=compare.max_wall_time, curriculum_every=method.curriculum_every,
-        curriculum_increment=method.curriculum_increment, curriculum_max_steps=method.curriculum_max_steps,
-        validate_every_inner_steps=_checkpoints(compare))
+        max_wall_time=compare.max_wall_time, validate_every_inner_steps=_checkpoints(compare), **curriculum)
     family = make_family(config.task, "train")
     accuracy, loss = heldout.measure(initial)
     curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
@@ -332,7 +350,8 @@ def run_gradient(config: Config, compare: CompareConfig, method: MethodConfig, s
     key = jax.random.fold_in(jax.random.key(seed), _GRADIENT)
     result = OL.run_outer_loop(key, spec, initial, family.sample, config.episode, outer, validate_fn=validate)
     curve += [{"inner_steps": row["inner_steps"], "wall_time": row["wall_time"], "accuracy": row["heldout_accuracy"],
-               "loss": row["heldout_loss"]} for row in result.history if "heldout_accuracy" in row]
+               "loss": row["heldout_loss"], "num_steps": row["num_steps"], "step_start": row["start_inner_steps"]}
+              for row in result.history if "heldout_accuracy" in row]
     memory = {steps: m["temp"] for steps, m in result.budget.memory.items()}  # what the loop compiled
     for steps in (config.episode.num_steps, compare.memory_multiplier * config.episode.num_steps):
         if steps in memory:
@@ -452,12 +471,14 @@ def _write_outputs(out_dir: Path, config: Config, compare: CompareConfig, runs, 
                              f"{row['cross_entropy']:.4f}", "", "", "", "", ""])
     with open(out_dir / "curves.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "seed", "inner_steps", "wall_time_s", "heldout_accuracy", "heldout_cross_entropy"])
+        writer.writerow(["method", "seed", "inner_steps", "wall_time_s", "heldout_accuracy", "heldout_cross_entropy",
+                         "num_steps", "step_start_inner_steps"])
         for name, by_seed in runs.items():
             for seed, outcome in by_seed.items():
-                for point in outcome["curve"]:
+                for point in outcome["curve"]:  # num_steps: the horizon of the step that ended at this point
                     writer.writerow([name, seed, point["inner_steps"], f"{point['wall_time']:.3f}",
-                                     f"{point['accuracy']:.4f}", f"{point['loss']:.4f}"])
+                                     f"{point['accuracy']:.4f}", f"{point['loss']:.4f}", point.get("num_steps", ""),
+                                     point.get("step_start", "")])
     plots = _plot(out_dir, compare, runs, summary)
     (out_dir / "compare.json").write_text(json.dumps({
         "config": config_to_dict(config), "compare": _plain(compare), "summary": summary,

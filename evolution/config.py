@@ -65,6 +65,9 @@ class CurriculumConfig:
     every: int = 0  # generations between increments; 0 disables
     increment: int = 5  # inner steps added each time
     max_steps: int | None = None
+    # or: inner steps consumed between increments (the budget's unit: `blur compare` gives every method the
+    # same horizon at the same budget point with it); 0 disables
+    every_inner_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "run.curriculum.every": (0, None, False),
     "run.curriculum.increment": (0, MAX_STEPS, False),
     "run.curriculum.max_steps": (1, MAX_STEPS, False),
+    "run.curriculum.every_inner_steps": (0, None, False),
     "evaluator.workers": (1, 4096, False),
     "evaluator.cpus_per_worker": (0, 4096, True),
     "evaluator.gpus_per_worker": (0, 64, False),
@@ -345,6 +349,11 @@ def _validate(config: Config) -> None:
     if not config.report.learning_rates:
         raise ConfigError("report.learning_rates: must list at least one learning rate")
     curriculum = config.run.curriculum
+    if curriculum.every and curriculum.every_inner_steps:
+        raise ConfigError("run.curriculum.every_inner_steps: set either every (generations) or every_inner_steps, "
+                          "not both")
+    if curriculum.every_inner_steps and curriculum.max_steps is None:
+        raise ConfigError("run.curriculum.max_steps: required with every_inner_steps (the horizon must be bounded)")
     if curriculum.max_steps is not None and curriculum.max_steps < config.episode.num_steps:
         raise ConfigError(f"run.curriculum.max_steps: must be >= episode.num_steps ({config.episode.num_steps}), "
                           f"got {curriculum.max_steps}")
@@ -370,6 +379,8 @@ def _validate(config: Config) -> None:
         rules = [("evaluator.kind", config.evaluator.kind == "local", "must be 'local' (each candidate's inner "
                   "state stays in this process)"),
                  ("run.curriculum.every", config.run.curriculum.every == 0, "must be 0 (the unroll length is fixed)"),
+                 ("run.curriculum.every_inner_steps", config.run.curriculum.every_inner_steps == 0,
+                  "must be 0 (the unroll length is fixed)"),
                  ("episode.skip_last_update", not config.episode.skip_last_update, "must be false")]
         for key, ok, message in rules:
             if not ok:

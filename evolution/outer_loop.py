@@ -47,7 +47,9 @@ class OuterLoopConfig:
     num_meta_steps: optimizer updates at most.
     tasks_per_step: task batch size K of every unroll.
     max_inner_steps, max_wall_time: budget limits (None: unlimited); checked after every meta-step.
-    curriculum_every, curriculum_increment, curriculum_max_steps: unroll curriculum (every=0: off).
+    curriculum_every, curriculum_increment, curriculum_max_steps: unroll curriculum (every=0: off);
+      ``curriculum_every_inner_steps`` counts inner steps consumed instead of meta-steps (the same function
+      of the budget as the ES run loop's ``run.curriculum.every_inner_steps``).
     validate_every: meta-steps between calls of ``validate_fn`` (0: only at the end).
     validate_every_inner_steps: also call it whenever the inner steps consumed cross a multiple of this.
     """
@@ -62,6 +64,7 @@ class OuterLoopConfig:
     curriculum_every: int = 0
     curriculum_increment: int = 5
     curriculum_max_steps: int | None = None
+    curriculum_every_inner_steps: int = 0  # instead of meta-steps: inner steps consumed between increments
     validate_every: int = 0
     validate_every_inner_steps: int = 0
 
@@ -83,8 +86,12 @@ def optimizer(config: OuterLoopConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate))
 
 
-def num_steps_at(episode: EpisodeConfig, config: OuterLoopConfig, meta_step: int) -> int:
-    """Unroll length T at ``meta_step`` under the curriculum (:func:`workers.horizon.horizon`)."""
+def num_steps_at(episode: EpisodeConfig, config: OuterLoopConfig, meta_step: int, inner_steps: int = 0) -> int:
+    """Unroll length T at ``meta_step`` (after ``inner_steps`` consumed) under the curriculum
+    (:func:`workers.horizon.horizon`)."""
+    if config.curriculum_every_inner_steps:
+        return horizon(episode.num_steps, inner_steps, config.curriculum_every_inner_steps,
+                       config.curriculum_increment, config.curriculum_max_steps)
     return horizon(episode.num_steps, meta_step, config.curriculum_every, config.curriculum_increment,
                    config.curriculum_max_steps)
 
@@ -160,7 +167,7 @@ def run_outer_loop(key: jax.Array, spec: G.NetworkSpec, vector, sample_fn: Sampl
 
     while True:
         step = budget.meta_steps
-        num_steps = num_steps_at(episode, config, step)
+        num_steps = num_steps_at(episode, config, step, budget.inner_steps)
         step_episode = dataclasses.replace(episode, num_steps=num_steps, curve_steps=())
         if state is None or num_steps != current_steps or GR.done(state, step_episode):
             task_key = jax.random.fold_in(task_root, unroll_index)
@@ -191,7 +198,7 @@ def run_outer_loop(key: jax.Array, spec: G.NetworkSpec, vector, sample_fn: Sampl
         previous_inner_steps = budget.inner_steps
         budget.inner_steps += int(est.inner_steps)
         budget.wall_time = time.perf_counter() - start
-        row = {"meta_step": step, "num_steps": num_steps, "loss": loss, "grad_norm": float(jnp.linalg.norm(grad)),
+        row = {"meta_step": step, "num_steps": num_steps, "start_inner_steps": previous_inner_steps, "loss": loss, "grad_norm": float(jnp.linalg.norm(grad)),
                "finite": finite, "inner_steps": budget.inner_steps, "wall_time": budget.wall_time}
         budget.stop_reason = _stop_reason(config, budget)
         every = config.validate_every_inner_steps

@@ -114,6 +114,8 @@ def check_run_config(config, spec, num_steps: int | None = None) -> Estimate:
 def _max_steps(config) -> int:
     steps = config.episode.num_steps
     curriculum = config.run.curriculum
+    if curriculum.every_inner_steps > 0 and curriculum.increment > 0:
+        return max(steps, curriculum.max_steps)
     if curriculum.every > 0 and curriculum.increment > 0:
         if curriculum.max_steps is not None:
             return max(steps, curriculum.max_steps)

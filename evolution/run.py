@@ -57,9 +57,13 @@ def split_key(config: Config, salt: int) -> jax.Array:
     return jax.random.fold_in(root_key(config), salt)
 
 
-def num_steps_at(config: Config, generation: int) -> int:
-    """Unroll length of ``generation`` under the curriculum (:func:`workers.horizon.horizon`)."""
+def num_steps_at(config: Config, generation: int, inner_steps: int = 0) -> int:
+    """Unroll length of ``generation`` under the curriculum (:func:`workers.horizon.horizon`), indexed by
+    generations (``every``) or by the inner steps consumed before it (``every_inner_steps``)."""
     curriculum = config.run.curriculum
+    if curriculum.every_inner_steps:
+        return horizon(config.episode.num_steps, inner_steps, curriculum.every_inner_steps, curriculum.increment,
+                       curriculum.max_steps)
     return horizon(config.episode.num_steps, generation, curriculum.every, curriculum.increment,
                    curriculum.max_steps)
 
@@ -348,7 +352,7 @@ class Run:
         config, state = self.config, self.state
         start = time.perf_counter()
         generation = state.generation
-        num_steps = num_steps_at(config, generation)
+        num_steps = num_steps_at(config, generation, state.inner_steps)
         ask_key, task_key, tell_key = generation_keys(config, generation)
         unroll_start = None
         if self.truncated:  # the partial unroll of each candidate continues its own inner state

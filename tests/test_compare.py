@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from evolution.cli import main
+from evolution.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +40,35 @@ def test_compare_rejects_a_bad_section(tmp_path, capsys):
                  "--set", "compare.budget=3"])
     err = capsys.readouterr().err
     assert code == 2 and "compare.budget: unknown key" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_method_has_the_same_horizon_at_the_same_budget_point(tmp_path):
+    """A curriculum in inner steps (run.curriculum.every_inner_steps) is one function of the budget for ES and
+    for every gradient loop: the horizon of each step is horizon(base, inner steps consumed before it)."""
+    import csv
+
+    from evolution.compare import main_compare
+    from workers.horizon import horizon
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "compare_smoke.yaml"
+    overrides = ["compare.seeds=[0]", "run.curriculum.every_inner_steps=60", "run.curriculum.increment=2",
+                 "run.curriculum.max_steps=8", "compare.num_points=6"]
+    assert main_compare(str(config), str(tmp_path / "out"), overrides) == 0
+    with open(tmp_path / "out" / "curves.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["num_steps"]]
+    methods = {row["method"] for row in rows}
+    assert {"CMA-ES", "full backprop", "truncated", "PES", "EvoGrad"} <= methods
+    for row in rows:
+        assert int(row["num_steps"]) == horizon(4, int(row["step_start_inner_steps"]), 60, 2, 8), row
+    assert {int(row["num_steps"]) for row in rows} >= {6, 8}  # the curriculum did advance for the methods
+
+
+@pytest.mark.parametrize("override, key", [("run.curriculum.every=2", "run.curriculum.every"),
+                                           ("compare.methods=[{name: f, kind: gradient, curriculum_every: 2}]",
+                                            "compare.methods[0].curriculum_every")])
+def test_compare_refuses_curricula_that_count_generations_or_meta_steps(override, key):
+    from evolution.compare import load_compare_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "compare_smoke.yaml"
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_compare_config(config, [override])
