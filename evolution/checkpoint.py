@@ -195,9 +195,10 @@ class MetricsLog:
                                   f"(generations 0..{num_generations - 1}); the file was left unchanged")
         return rows
 
-    def truncate_to(self, num_generations: int) -> None:
-        """Keep the rows of generations ``< num_generations`` (rows after the checkpoint are recomputed)."""
-        rows = self.check(num_generations)
+    def truncate_to(self, num_generations: int, rows: list[dict[str, Any]] | None = None) -> None:
+        """Keep the rows of generations ``< num_generations`` (rows after the checkpoint are recomputed);
+        ``rows``: what :meth:`check` returned for the same count, so the file is not read twice."""
+        rows = self.check(num_generations) if rows is None else rows
         atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def append(self, row: dict[str, Any]) -> None:

@@ -187,7 +187,6 @@ def _run_to_end(run, quiet: bool) -> int:
 def _run_and_report(run, quiet: bool) -> int:
     from evolution.checkpoint import atomic_write_text
     from workers.report import format_markdown, format_table
-    from evolution.resources import check_run_config
     from evolution.run import num_steps_at
     from evolution.signals import Interrupted
 
@@ -196,7 +195,7 @@ def _run_and_report(run, quiet: bool) -> int:
     print(f"network {run.spec.layer_sizes} k={run.spec.num_states}, genome dims {run.strategy.num_dims}, "
           f"strategy {config.strategy.name} (population {config.strategy.population_size}), "
           f"task {config.task.family}, evaluator {config.evaluator.kind}; one generation "
-          f"{check_run_config(config, run.spec).describe()}", flush=True)
+          f"{run.estimate.describe()}", flush=True)
     from evolution.signals import reassert
 
     reassert()  # the evaluator may have replaced the handlers (ray.init sets its own SIGTERM handler)

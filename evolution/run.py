@@ -186,6 +186,7 @@ class Run:
                                       strategy_options(config))
         # truncation-aware strategies: every candidate's synapses [P, K, ...] carried across generations
         self.truncated = config.strategy.name in TRUNCATION_AWARE
+        self.window = int(strategy_options(config)["truncation_length"]) if self.truncated else 0
         self.inner: G.Synapses | None = None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.state = RunState()
@@ -193,6 +194,7 @@ class Run:
         self._checkpoint_seconds = 0.0
         self.lock: rundir.RunLock | None = None
         self.run_id, self.key = "", None
+        self.estimate = None  # resources.Estimate of the run's largest evaluation call (set by create/resume)
         self._step_done = False
         self.checkpointed_generation: int | None = None  # generation of the checkpoint on disk
 
@@ -206,13 +208,13 @@ class Run:
         if lock is None:
             rundir.check_new_run_dir(run_dir)
         spec = network_spec(config)
-        check_run_config(config, spec)
+        estimate = check_run_config(config, spec)
         mean = initial_vector(config, spec)
         check_strategy(config, spec, mean)
         lock = lock or rundir.create_run_dir(run_dir)
         try:
             run = cls(config, run_dir, evaluator_fn(config, spec), spec)
-            run.lock = lock
+            run.lock, run.estimate = lock, estimate
             atomic_write_text(run_dir / "config.yaml", dump_config(config))
             run.run_id = rundir.new_run_id()
             run.key = rundir.create_run_key(run.run_id)
@@ -259,7 +261,7 @@ class Run:
                                           "max_evaluations, max_wall_time, target_fitness, checkpoint_every, "
                                           "evaluator.* and report.* may change before resuming")
             spec = network_spec(config)
-            check_run_config(config, spec)
+            estimate = check_run_config(config, spec)
             strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
                                      strategy_options(config))
             key = rundir.load_run_key(run_id)
@@ -271,18 +273,18 @@ class Run:
                                       f"state ({reason}); only runs created by this user on this machine resume")
             state = _checked_counters(checkpoint, config, spec)
             metrics = MetricsLog(run_dir / "metrics.jsonl")
-            metrics.check(state.generation)
+            kept_rows = metrics.check(state.generation)
             try:
                 strategy_state = strategy.state_from_bytes(checkpoint.strategy_state)
             except ValueError as error:
                 raise CheckpointError(f"{run_dir / 'checkpoint.ckpt'}: {error}") from None
             run = cls(config, run_dir, evaluator_fn(config, spec), spec)
-            run.lock, run.run_id, run.key = lock, run_id, key
+            run.lock, run.run_id, run.key, run.estimate = lock, run_id, key, estimate
             run.strategy_state = strategy_state
             run.state = state
             run.inner = run._inner_from_arrays(checkpoint.extra)
             run.checkpointed_generation = state.generation
-            metrics.truncate_to(state.generation)
+            metrics.truncate_to(state.generation, kept_rows)
         except BaseException:
             lock.release()
             raise
@@ -363,10 +365,9 @@ class Run:
         population, self.strategy_state = self.strategy.ask(ask_key, self.strategy_state)
         eval_start = time.perf_counter()
         if self.truncated:
-            window = int(strategy_options(config)["truncation_length"])
             result, self.inner = self.evaluator.evaluate_window(
                 population, self.inner, "train", task_key, config.run.tasks_per_generation, num_steps, unroll_start,
-                window)
+                self.window)
         else:
             result = self.evaluator.evaluate(population, "train", task_key, config.run.tasks_per_generation,
                                              num_steps)
@@ -375,7 +376,7 @@ class Run:
         self.strategy_state = self.strategy.tell(tell_key, population, fitness, self.strategy_state)
         num_episodes = result.fitness.size
         state.evaluations += len(population)
-        state.inner_steps += num_episodes * (window if self.truncated else num_steps)
+        state.inner_steps += num_episodes * (self.window if self.truncated else num_steps)
         best_index = int(np.argmin(fitness))
         row = {
             "generation": generation,

@@ -27,4 +27,4 @@ def uninterrupted(tmp_path_factory):
     proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(KILL_OVERRIDES))
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    return out, stdout
+    return out, stdout  # the test of the printed table reads stdout

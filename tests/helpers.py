@@ -39,3 +39,32 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 def set_args(overrides):
     return [arg for o in overrides for arg in ("--set", o)]
+
+
+def evolve_ok(out: Path, overrides) -> Path:
+    """``blur evolve configs/smoke.yaml --out OUT --quiet --set ...`` to completion (asserting exit 0)."""
+    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides))
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    return out
+
+
+def same_genome(a: Path, b: Path) -> None:
+    """The best genomes of runs ``a`` and ``b`` are bit-identical (spec, generation, score, arrays)."""
+    import numpy as np
+
+    import genome as G
+
+    spec_a, genome_a, meta_a = G.load(a / "best.genome")
+    spec_b, genome_b, meta_b = G.load(b / "best.genome")
+    assert spec_a == spec_b and meta_a["generation"] == meta_b["generation"] and meta_a["score"] == meta_b["score"]
+    for x, y in zip(genome_a, genome_b):
+        np.testing.assert_array_equal(x, y)
+
+
+def mount_tmpfs(path: Path, options: str) -> Path:
+    """A tmpfs at ``path`` (the tests run as root, as CI does: a failure here is a failure, not a skip)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"mount -t tmpfs failed (the disk tests need root): {proc.stderr.strip()}"
+    return path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, metric_rows, set_args
+from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, evolve_ok, metric_rows, mount_tmpfs, same_genome, set_args
 
 import genome as G
 from evolution import rundir
@@ -62,11 +62,7 @@ def snapshot(path: Path) -> dict:
 def same_run(a: Path, b: Path) -> None:
     """``b`` ended exactly like ``a``: metrics without timings, best genome, held-out report."""
     assert metric_rows(b) == metric_rows(a)
-    spec_a, genome_a, meta_a = G.load(a / "best.genome")
-    spec_b, genome_b, meta_b = G.load(b / "best.genome")
-    assert spec_a == spec_b and meta_a["generation"] == meta_b["generation"] and meta_a["score"] == meta_b["score"]
-    for x, y in zip(genome_a, genome_b):
-        np.testing.assert_array_equal(x, y)
+    same_genome(a, b)
     assert json.loads((a / "report.json").read_text()) == json.loads((b / "report.json").read_text())
 
 
@@ -84,11 +80,7 @@ def wait_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def quick_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick") / "reference"
-    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(QUICK))
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
-    return out
+    return evolve_ok(tmp_path_factory.mktemp("quick") / "reference", QUICK)
 
 
 @pytest.fixture
@@ -225,13 +217,8 @@ def test_out_must_be_new_or_empty_and_is_never_damaged(tmp_path, capsys):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+    subprocess.run(["umount", str(tmp_path / "ro")], check=True)
 
 
 def test_out_on_a_read_only_file_system(read_only_dir, capsys):
@@ -385,14 +372,6 @@ def test_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp
     same_genome(full, out)
 
 
-def same_genome(a, b):
-    _, genome_a, meta_a = G.load(a / "best.genome")
-    _, genome_b, meta_b = G.load(b / "best.genome")
-    assert meta_a["score"] == meta_b["score"]
-    for x, y in zip(genome_a, genome_b):
-        np.testing.assert_array_equal(x, y)
-
-
 def test_resume_of_a_directory_that_is_not_a_run_changes_nothing(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine\n")
     before = snapshot(tmp_path)
@@ -453,13 +432,8 @@ def test_signals_at_ten_seeded_moments_resume_identically(quick_reference, tmp_p
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    yield mount_tmpfs(tmp_path / "small", "size=4m")
+    subprocess.run(["umount", "-l", str(tmp_path / "small")], check=True)
 
 
 def fill(directory: Path) -> Path:

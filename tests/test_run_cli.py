@@ -18,7 +18,7 @@ from evolution.cli import main
 from evolution.config import load_config
 from evolution.run import Run, local_evaluator
 
-from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, metric_rows, set_args  # noqa: F401
+from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, metric_rows, same_genome, set_args  # noqa: F401
 
 
 def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):
@@ -56,11 +56,7 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(uninterrupted, tmp_pat
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     assert metric_rows(out) == metric_rows(full)
-    spec_a, genome_a, meta_a = G.load(full / "best.genome")
-    spec_b, genome_b, meta_b = G.load(out / "best.genome")
-    assert spec_a == spec_b and meta_a["generation"] == meta_b["generation"] and meta_a["score"] == meta_b["score"]
-    for a, b in zip(genome_a, genome_b):
-        np.testing.assert_array_equal(a, b)
+    same_genome(full, out)
 
 
 WRITER = """

@@ -9,7 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import SMOKE, blur, metric_rows, set_args
+from helpers import SMOKE, blur, evolve_ok, metric_rows, same_genome, set_args
 
 import genome as G
 from evolution.cli import main
@@ -43,11 +43,7 @@ def test_windows_of_the_shared_core_compose_into_one_unroll():
 
 @pytest.fixture(scope="module")
 def pes_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pes") / "full"
-    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(PES))
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return out
+    return evolve_ok(tmp_path_factory.mktemp("pes") / "full", PES)
 
 
 def test_unroll_start_cycles_through_the_unroll(pes_reference, tmp_path, capsys):
@@ -70,8 +66,7 @@ def test_kill_9_mid_unroll_resumes_identically(pes_reference, tmp_path):
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
     assert metric_rows(out) == metric_rows(pes_reference)
-    for a, b in zip(G.load(out / "best.genome")[1], G.load(pes_reference / "best.genome")[1]):
-        np.testing.assert_array_equal(a, b)
+    same_genome(pes_reference, out)
 
 
 @pytest.mark.parametrize("override, key", [

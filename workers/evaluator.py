@@ -70,6 +70,7 @@ class LocalEvaluator:
         self.task_config = task_config
         self.episode_config = dataclasses.replace(episode_config, curve_steps=())
         self._families: dict[str, TaskFamily] = {}
+        self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
 
     def family(self, split: str) -> TaskFamily:
@@ -100,7 +101,7 @@ class LocalEvaluator:
         tasks are ``sample(task_key, num_tasks, unroll_length)``, the same whatever the window;
         ``synapses=None`` starts every candidate from the tasks' fresh synapses."""
         start_time = time.perf_counter()
-        tasks = self.family(split).sample(task_key, num_tasks, unroll_length)
+        tasks = self._unroll_tasks(split, task_key, num_tasks, unroll_length)
         vectors = jnp.asarray(vectors, jnp.float32)
         if synapses is None:
             synapses = engine.init_window_synapses(self.spec, synapse_keys(task_key, num_tasks), vectors.shape[0])
@@ -111,6 +112,13 @@ class LocalEvaluator:
         self.eval_seconds += time.perf_counter() - start_time
         return out, synapses
 
+    def _unroll_tasks(self, split: str, task_key: jax.Array, num_tasks: int, unroll_length: int):
+        """The unroll's task batch, sampled once and reused by each of its windows."""
+        cache_key = (split, np.asarray(jax.random.key_data(task_key)).tobytes(), num_tasks, unroll_length)
+        if self._window_tasks is None or self._window_tasks[0] != cache_key:
+            self._window_tasks = (cache_key, self.family(split).sample(task_key, num_tasks, unroll_length))
+        return self._window_tasks[1]
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "devices": [str(d) for d in jax.devices()]}
 
@@ -119,3 +127,4 @@ class LocalEvaluator:
 
     def close(self) -> None:
         self._families.clear()
+        self._window_tasks = None
