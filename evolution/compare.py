@@ -231,10 +231,11 @@ class HeldOut:
         self.spec = spec
         self.tasks = make_family(config.task, "test").sample(key, num_tasks, num_steps)
         self.keys = synapse_keys(key, num_tasks)
-        self.episode = dataclasses.replace(config.episode, num_steps=num_steps, curve_steps=())
+        self.scoring, self.horizon = config.episode.scoring, config.episode.horizon(num_steps)
 
     def measure(self, vector) -> tuple[float, float]:
-        result = engine.evaluate(self.spec, jnp.asarray(vector, jnp.float32)[None], self.tasks, self.keys, self.episode)
+        result = engine.evaluate(self.spec, jnp.asarray(vector, jnp.float32)[None], self.tasks, self.keys,
+                                 self.scoring, self.horizon)
         loss = np.asarray(result.cross_entropy[0])
         return float(np.mean(result.accuracy[0])), float(np.mean(np.where(np.isfinite(loss), loss, np.nan)))
 
@@ -312,10 +313,9 @@ def _es_memory(config: Config, spec: G.NetworkSpec, population: int, num_steps: 
     key = jax.random.key(0)
     tasks = make_family(config.task, "train").sample(key, num_tasks, num_steps)
     vectors = jnp.zeros((population, G.num_dims(spec)), jnp.float32)
-    episode = dataclasses.replace(config.episode, num_steps=num_steps, curve_steps=())
-    evaluate = jax.jit(engine.evaluate, static_argnums=(0, 4))  # the same computation as the engine's jit
-    return GR.compiled_memory(evaluate, spec, vectors, tasks, synapse_keys(key, num_tasks), episode,
-                              compiler_options=_FAST_COMPILE)["temp"]
+    evaluate = jax.jit(engine.evaluate, static_argnums=(0, 4, 5))  # the same computation as the engine's jit
+    return GR.compiled_memory(evaluate, spec, vectors, tasks, synapse_keys(key, num_tasks), config.episode.scoring,
+                              config.episode.horizon(num_steps), compiler_options=_FAST_COMPILE)["temp"]
 
 
 def _shared_curriculum(config: Config) -> dict[str, Any]:
@@ -357,9 +357,9 @@ def run_gradient(config: Config, compare: CompareConfig, method: MethodConfig, s
         if steps in memory:
             continue
         tasks = family.sample(jax.random.key(0), tasks_per_step, steps)
-        episode = dataclasses.replace(config.episode, num_steps=steps, curve_steps=())
         memory[steps] = GR.estimator_memory(spec, jnp.asarray(initial, jnp.float32), tasks,
-                                            synapse_keys(jax.random.key(0), tasks_per_step), episode, estimator,
+                                            synapse_keys(jax.random.key(0), tasks_per_step),
+                                            config.episode.horizon(steps), estimator,
                                             compiler_options=_FAST_COMPILE)["temp"]
     compile_time = result.budget.compile_time
     for point in curve[1:]:  # wall clock without compilation (ES runs are warmed up instead)

@@ -14,9 +14,9 @@ tests pin the two together.
 Estimators share one pure, jitted interface::
 
     state = init_state(spec, synapse_keys, estimator)                   # fresh synapses, step 0
-    est = estimate(spec, vector, tasks, state, key, episode, estimator)  # -> Estimate(loss, grad, state, ...)
+    est = estimate(spec, vector, tasks, state, key, horizon, estimator)  # -> Estimate(loss, grad, state, ...)
 
-and ``done(state, episode)`` says when the current unroll is finished (the outer loop then samples new
+(``state`` is the shared :class:`workers.unroll.UnrollState`) and ``done(state, horizon)`` says when the current unroll is finished (the outer loop then samples new
 tasks). The estimators (``EstimatorConfig.name``):
 
 * ``full``: ``jax.grad`` through the whole ``lax.scan`` unroll; memory grows with T. ``remat`` trades
@@ -49,9 +49,8 @@ import jax.numpy as jnp
 
 import genome as G
 from evolution.evograd import softmax_merge
-from workers.engine import EpisodeConfig
 from workers.task_types import Task
-from workers.unroll import init_task_synapses, num_updates, query_loss, query_scores, unroll
+from workers.unroll import Horizon, UnrollState, init_unroll, num_updates, query_loss, query_scores, unroll
 
 ESTIMATORS = ("full", "truncated", "pes", "evograd")
 REMAT_MODES = ("none", "step", "sqrt")
@@ -101,19 +100,6 @@ class EstimatorConfig:
                 raise ValueError(f"estimator.{name} {message}, got {getattr(self, name)!r}")
 
 
-class UnrollState(NamedTuple):
-    """Inner-loop state carried across meta-steps.
-
-    synapses: per task ``[K, ...]``; for PES ``[2P, K, ...]`` (rows ``:P`` the +ε runs, ``P:`` the −ε runs).
-    step: inner steps done in the current unroll (int32 scalar).
-    perturbation: PES accumulated perturbations ``[P, D]`` (``[0, D]`` otherwise).
-    """
-
-    synapses: G.Synapses
-    step: jax.Array
-    perturbation: jax.Array
-
-
 class Estimate(NamedTuple):
     loss: jax.Array  # the estimator's own objective (meta-loss, window-end loss, or merged validation loss)
     grad: jax.Array  # [D] meta-gradient estimate with respect to the flat genome vector
@@ -125,15 +111,15 @@ class Estimate(NamedTuple):
 
 
 def meta_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys: jax.Array,
-              config: EpisodeConfig, remat: str = "none") -> jax.Array:
+              horizon: Horizon, remat: str = "none") -> jax.Array:
     """THE meta-loss: query cross-entropy after the episode's inner steps, averaged over the task batch.
 
     ``vector``: flat genome ``[D]``; ``tasks``: batch with leading axis K; ``synapse_keys [K]``. Computed in
     ``vector.dtype`` (float64 under ``jax.enable_x64`` for finite differences). Equals the mean of
     ``engine.episode(...).cross_entropy``.
     """
-    synapses = init_task_synapses(spec, synapse_keys, vector.dtype)
-    return window_loss(spec, vector, tasks, synapses, 0, num_updates(config), None, remat)[0]
+    synapses = init_unroll(spec, synapse_keys, dtype=vector.dtype).synapses
+    return window_loss(spec, vector, tasks, synapses, 0, num_updates(horizon), None, remat)[0]
 
 
 def window_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G.Synapses, start, length: int,
@@ -160,28 +146,25 @@ def window_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G
 def init_state(spec: G.NetworkSpec, synapse_keys: jax.Array, estimator: EstimatorConfig,
                dtype=jnp.float32) -> UnrollState:
     """The state at the start of an unroll: fresh synapses per task (shared by all PES perturbations)."""
-    synapses = init_task_synapses(spec, synapse_keys, dtype)
     pairs = estimator.pes_pairs if estimator.name == "pes" else 0
-    if pairs:
-        synapses = jax.tree.map(lambda a: jnp.broadcast_to(a, (2 * pairs,) + a.shape), synapses)
-    return UnrollState(synapses, jnp.zeros((), jnp.int32), jnp.zeros((pairs, G.num_dims(spec)), dtype))
+    return init_unroll(spec, synapse_keys, 2 * pairs, dtype, perturbations=pairs)
 
 
-def done(state: UnrollState, config: EpisodeConfig) -> bool:
+def done(state: UnrollState, horizon: Horizon) -> bool:
     """Whether the current unroll has consumed all its inner steps (then sample new tasks)."""
-    return int(state.step) >= num_updates(config)
+    return int(state.step) >= num_updates(horizon)
 
 
-def _full(spec, vector, tasks, state, key, config, estimator):
-    steps = num_updates(config)
+def _full(spec, vector, tasks, state, key, horizon, estimator):
+    steps = num_updates(horizon)
     (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
         spec, vector, tasks, state.synapses, 0, steps, None, estimator.remat)
     new_state = UnrollState(end, jnp.asarray(steps, jnp.int32), state.perturbation)
     return Estimate(loss, grad, new_state, jnp.asarray(steps * _num_tasks(tasks)))
 
 
-def _truncated(spec, vector, tasks, state, key, config, estimator):
-    steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
+def _truncated(spec, vector, tasks, state, key, horizon, estimator):
+    steps, window = num_updates(horizon), min(estimator.truncation, num_updates(horizon))
     (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
         spec, vector, tasks, state.synapses, state.step, window, steps, estimator.remat)
     new_step = jnp.minimum(state.step + window, steps)
@@ -189,8 +172,8 @@ def _truncated(spec, vector, tasks, state, key, config, estimator):
                     (new_step - state.step) * _num_tasks(tasks))
 
 
-def _pes(spec, vector, tasks, state, key, config, estimator):
-    steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
+def _pes(spec, vector, tasks, state, key, horizon, estimator):
+    steps, window = num_updates(horizon), min(estimator.truncation, num_updates(horizon))
     pairs, sigma = estimator.pes_pairs, estimator.pes_sigma
     noise = sigma * jax.random.normal(key, (pairs, vector.shape[0]), vector.dtype)
     accumulated = state.perturbation + noise  # PES: perturbations accumulate across truncations
@@ -241,8 +224,8 @@ def evograd_objective(spec: G.NetworkSpec, vector: jax.Array, synapses: G.Synaps
     return query_loss(spec, genome, merged, task), (merged, weights)
 
 
-def _evograd(spec, vector, tasks, state, key, config, estimator):
-    steps, window = num_updates(config), min(estimator.truncation, num_updates(config))
+def _evograd(spec, vector, tasks, state, key, horizon, estimator):
+    steps, window = num_updates(horizon), min(estimator.truncation, num_updates(horizon))
     num_tasks = _num_tasks(tasks)
     objective = jax.value_and_grad(evograd_objective, argnums=1, has_aux=True)
 
@@ -277,7 +260,7 @@ def _evograd(spec, vector, tasks, state, key, config, estimator):
                     (new_step - state.step) * num_tasks * per_step)
 
 
-# name -> estimator; every estimator has the signature (spec, vector, tasks, state, key, config, estimator)
+# name -> estimator; every estimator has the signature (spec, vector, tasks, state, key, horizon, estimator)
 ESTIMATOR_FUNCTIONS = {"full": _full, "truncated": _truncated, "pes": _pes, "evograd": _evograd}
 assert tuple(ESTIMATOR_FUNCTIONS) == ESTIMATORS
 
@@ -286,18 +269,18 @@ def _num_tasks(tasks: Task) -> int:
     return tasks.query_y.shape[0]
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "config", "estimator"))
+@functools.partial(jax.jit, static_argnames=("spec", "horizon", "estimator"))
 def estimate(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, state: UnrollState, key: jax.Array,
-             config: EpisodeConfig, estimator: EstimatorConfig) -> Estimate:
+             horizon: Horizon, estimator: EstimatorConfig) -> Estimate:
     """One meta-gradient estimate of ``estimator`` at ``vector`` on the current unroll (jitted).
 
-    ``tasks``: the unroll's task batch (leading axis K, T = ``config.num_steps`` support batches);
+    ``tasks``: the unroll's task batch (leading axis K, T = ``horizon.num_steps`` support batches);
     ``state``: from :func:`init_state` or the previous estimate; ``key``: fresh randomness (PES noise,
     EvoGrad candidate noise); ignored by ``full`` and ``truncated``.
     """
-    if tasks.support_x.shape[1] < config.num_steps:
-        raise ValueError(f"tasks have {tasks.support_x.shape[1]} support batches, the episode needs {config.num_steps}")
-    return ESTIMATOR_FUNCTIONS[estimator.name](spec, vector, tasks, state, key, config, estimator)
+    if tasks.support_x.shape[1] < horizon.num_steps:
+        raise ValueError(f"tasks have {tasks.support_x.shape[1]} support batches, the episode needs {horizon.num_steps}")
+    return ESTIMATOR_FUNCTIONS[estimator.name](spec, vector, tasks, state, key, horizon, estimator)
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -328,9 +311,9 @@ def compiled_memory(jitted_fn, *args, compiler_options: dict | None = None, **kw
 
 
 def estimator_memory(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys: jax.Array,
-                     config: EpisodeConfig, estimator: EstimatorConfig,
+                     horizon: Horizon, estimator: EstimatorConfig,
                      compiler_options: dict | None = None) -> dict[str, int]:
     """:func:`compiled_memory` of :func:`estimate` for this (spec, tasks shape, episode, estimator)."""
     state = init_state(spec, synapse_keys, estimator, vector.dtype)
-    return compiled_memory(estimate, spec, vector, tasks, state, jax.random.key(0), config=config,
+    return compiled_memory(estimate, spec, vector, tasks, state, jax.random.key(0), horizon=horizon,
                            estimator=estimator, compiler_options=compiler_options)

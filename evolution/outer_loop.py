@@ -168,8 +168,8 @@ def run_outer_loop(key: jax.Array, spec: G.NetworkSpec, vector, sample_fn: Sampl
     while True:
         step = budget.meta_steps
         num_steps = num_steps_at(episode, config, step, budget.inner_steps)
-        step_episode = dataclasses.replace(episode, num_steps=num_steps, curve_steps=())
-        if state is None or num_steps != current_steps or GR.done(state, step_episode):
+        step_horizon = episode.horizon(num_steps)
+        if state is None or num_steps != current_steps or GR.done(state, step_horizon):
             task_key = jax.random.fold_in(task_root, unroll_index)
             tasks = sample_fn(task_key, config.tasks_per_step, num_steps)
             state = GR.init_state(spec, synapse_keys(task_key, config.tasks_per_step), config.estimator)
@@ -178,7 +178,7 @@ def run_outer_loop(key: jax.Array, spec: G.NetworkSpec, vector, sample_fn: Sampl
         noise_key = jax.random.fold_in(noise_root, step)
         if cache_key not in compiled:
             compile_start = time.perf_counter()
-            lowered = GR.estimate.lower(spec, vector, tasks, state, noise_key, config=step_episode,
+            lowered = GR.estimate.lower(spec, vector, tasks, state, noise_key, horizon=step_horizon,
                                         estimator=config.estimator)
             compiled[cache_key] = lowered.compile()
             budget.compile_time += time.perf_counter() - compile_start

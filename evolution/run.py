@@ -372,7 +372,7 @@ class Run:
             result = self.evaluator.evaluate(population, "train", task_key, config.run.tasks_per_generation,
                                              num_steps)
         eval_time = time.perf_counter() - eval_start
-        fitness = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), config.episode))
+        fitness = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), config.episode.scoring))
         self.strategy_state = self.strategy.tell(tell_key, population, fitness, self.strategy_state)
         num_episodes = result.fitness.size
         state.evaluations += len(population)
@@ -432,7 +432,7 @@ class Run:
         vectors = np.stack([mean, candidate])
         result = self.evaluator.evaluate(vectors, "validation", split_key(self.config, _VALIDATION),
                                          self.config.run.validation_tasks, num_steps)
-        scores = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), self.config.episode))
+        scores = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), self.config.episode.scoring))
         pick = int(np.argmin(scores))
         self._offer_best(vectors[pick], float(scores[pick]), generation)
         return {"val_fitness": float(scores[pick]), "val_accuracy": float(np.mean(result.accuracy[pick])),

@@ -91,7 +91,7 @@ def test_vectorized_torch_episodes_score_like_the_engine():
     spec, scale, vectors, tasks = _tiny_setup(seed=3)
     keys = jax.random.split(jax.random.key(4), scale.tasks)
     engine = E.evaluate(spec, vectors, Task(*(jnp.asarray(a) for a in tasks)), keys,
-                        E.EpisodeConfig(num_steps=scale.steps))
+                        E.Scoring(), E.Horizon(scale.steps))
     per_task = jax.vmap(lambda k: G.init_synapses(spec, k))(keys)  # shared by every genome
     initial = tuple([torch.from_numpy(np.tile(np.asarray(b), (scale.population,) + (1,) * (b.ndim - 1)))
                      for b in blocks] for blocks in (per_task.forward, per_task.backward))

@@ -34,25 +34,25 @@ def take(tree, index):
 
 
 def test_episode_is_bit_identical_alone_or_in_any_batch():
-    config = E.EpisodeConfig(num_steps=4)
+    config = (E.Scoring(), E.Horizon(4))
     tasks = random_tasks(jax.random.key(0), 5, 4)
     keys = jax.random.split(jax.random.key(1), 5)
     vectors = population(jax.random.key(2), 6)
-    full = E.evaluate(SPEC, vectors, tasks, keys, config)
-    alone = E.evaluate(SPEC, vectors[3:4], take(tasks, slice(2, 3)), keys[2:3], config)
+    full = E.evaluate(SPEC, vectors, tasks, keys, *config)
+    alone = E.evaluate(SPEC, vectors[3:4], take(tasks, slice(2, 3)), keys[2:3], *config)
     np.testing.assert_array_equal(alone.fitness[0, 0], full.fitness[3, 2])
-    subset = E.evaluate(SPEC, vectors[jnp.array([5, 1, 3])], take(tasks, jnp.array([4, 2])), keys[jnp.array([4, 2])], config)
+    subset = E.evaluate(SPEC, vectors[jnp.array([5, 1, 3])], take(tasks, jnp.array([4, 2])), keys[jnp.array([4, 2])], *config)
     np.testing.assert_array_equal(subset.fitness, full.fitness[jnp.array([5, 1, 3])][:, jnp.array([4, 2])])
     np.testing.assert_array_equal(subset.accuracy, full.accuracy[jnp.array([5, 1, 3])][:, jnp.array([4, 2])])
 
 
 def test_second_call_with_new_genomes_and_tasks_does_not_recompile():
-    config = E.EpisodeConfig(num_steps=3, fitness="error_rate")
+    config = (E.Scoring(fitness="error_rate"), E.Horizon(3))
     first = E.evaluate(SPEC, population(jax.random.key(0), 4), random_tasks(jax.random.key(1), 2, 3),
-                       jax.random.split(jax.random.key(2), 2), config)
+                       jax.random.split(jax.random.key(2), 2), *config)
     before = E.compiled_cache_size()
     second = E.evaluate(SPEC, population(jax.random.key(3), 4), random_tasks(jax.random.key(4), 2, 3),
-                        jax.random.split(jax.random.key(5), 2), config)
+                        jax.random.split(jax.random.key(5), 2), *config)
     assert E.compiled_cache_size() == before
     assert not np.array_equal(first.fitness, second.fitness)
 
@@ -60,9 +60,9 @@ def test_second_call_with_new_genomes_and_tasks_does_not_recompile():
 def test_compiled_memory_does_not_grow_with_the_number_of_steps():
     def temp_bytes(num_steps):
         tasks = random_tasks(jax.random.key(0), 4, num_steps, batch=16)
-        config = E.EpisodeConfig(num_steps=num_steps)
         compiled = E._evaluate.lower(SPEC, population(jax.random.key(1), 8), tasks,
-                                     jax.random.split(jax.random.key(2), 4), config).compile()
+                                     jax.random.split(jax.random.key(2), 4), E.Scoring(),
+                                     E.Horizon(num_steps)).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(40) <= 1.1 * temp_bytes(10)
@@ -76,7 +76,7 @@ def test_diverging_genomes_get_the_worst_finite_fitness_and_are_counted():
     tasks = random_tasks(jax.random.key(1), 2, 6)
     keys = jax.random.split(jax.random.key(2), 2)
     for metric, worst in (("cross_entropy", 20.0), ("error_rate", 1.0)):
-        result = E.evaluate(SPEC, vectors, tasks, keys, E.EpisodeConfig(num_steps=6, fitness=metric))
+        result = E.evaluate(SPEC, vectors, tasks, keys, E.Scoring(fitness=metric), E.Horizon(6))
         assert bool(jnp.all(result.diverged[1])) and not bool(jnp.any(result.diverged[0]))
         np.testing.assert_array_equal(result.fitness[1], worst)
         assert bool(jnp.all(jnp.isfinite(result.fitness)))
@@ -88,9 +88,9 @@ def test_learning_curve_points_match_separate_shorter_episodes():
     keys = jax.random.split(jax.random.key(1), 2)
     spec, genome = G.backprop_genome(SPEC.layer_sizes, 0.5, loss="cross_entropy")
     vectors = G.ravel(spec, genome)[None]
-    curve = E.evaluate(spec, vectors, tasks, keys, E.EpisodeConfig(num_steps=6, curve_steps=(6, 0, 3))).curve
+    curve = E.evaluate(spec, vectors, tasks, keys, E.Scoring(), E.Horizon(6, curve_steps=(6, 0, 3))).curve
     for column, steps in enumerate((6, 0, 3)):
-        short = E.evaluate(spec, vectors, tasks, keys, E.EpisodeConfig(num_steps=steps)).accuracy
+        short = E.evaluate(spec, vectors, tasks, keys, E.Scoring(), E.Horizon(steps)).accuracy
         np.testing.assert_allclose(curve[..., column], short, atol=1e-6)
 
 
@@ -98,19 +98,28 @@ def test_skip_last_update_equals_one_step_fewer():
     tasks = random_tasks(jax.random.key(0), 2, 5)
     keys = jax.random.split(jax.random.key(1), 2)
     vectors = population(jax.random.key(2), 2)
-    skipped = E.evaluate(SPEC, vectors, tasks, keys, E.EpisodeConfig(num_steps=5, skip_last_update=True))
-    shorter = E.evaluate(SPEC, vectors, tasks, keys, E.EpisodeConfig(num_steps=4))
+    skipped = E.evaluate(SPEC, vectors, tasks, keys, E.Scoring(), E.Horizon(5, skip_last_update=True))
+    shorter = E.evaluate(SPEC, vectors, tasks, keys, E.Scoring(), E.Horizon(4))
     np.testing.assert_array_equal(skipped.fitness, shorter.fitness)
 
 
 def test_aggregations_reduce_the_task_axis():
     fitness = jnp.asarray([[1.0, 2.0, 3.0, 10.0]])
-    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="mean"))[0]) == 4.0
-    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="median"))[0]) == 2.5
-    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="worst"))[0]) == 10.0
-    assert float(E.aggregate_fitness(fitness, E.EpisodeConfig(1, aggregate="quantile", quantile=0.0))[0]) == 1.0
+    assert float(E.aggregate_fitness(fitness, E.Scoring(aggregate="mean"))[0]) == 4.0
+    assert float(E.aggregate_fitness(fitness, E.Scoring(aggregate="median"))[0]) == 2.5
+    assert float(E.aggregate_fitness(fitness, E.Scoring(aggregate="worst"))[0]) == 10.0
+    assert float(E.aggregate_fitness(fitness, E.Scoring(aggregate="quantile", quantile=0.0))[0]) == 1.0
     with pytest.raises(ValueError, match="aggregate"):
         E.EpisodeConfig(1, aggregate="best")
+    with pytest.raises(ValueError, match="curve_steps"):
+        E.Horizon(3, curve_steps=(4,))
+
+
+def test_episode_config_hands_out_its_scoring_and_a_horizon_per_call():
+    episode = E.EpisodeConfig(7, skip_last_update=True, fitness="error_rate", max_loss=5.0, curve_steps=(2,))
+    assert episode.scoring == E.Scoring(fitness="error_rate", max_loss=5.0)
+    assert episode.horizon() == E.Horizon(7, skip_last_update=True)  # evaluation calls record no curve
+    assert episode.horizon(12, curve_steps=(0, 12)) == E.Horizon(12, True, (0, 12))
 
 
 def test_canonical_flops_count_four_products_and_the_state_mixes():
@@ -132,7 +141,7 @@ def test_backprop_genome_episode_equals_the_sgd_baseline_on_the_same_batches():
     keys = synapse_keys(task_key, 4)
     curve_steps = (0, 6, 12)
     result = E.evaluate(spec, G.ravel(spec, genome)[None], tasks, keys,
-                        E.EpisodeConfig(num_steps=12, curve_steps=curve_steps))
+                        E.Scoring(), E.Horizon(12, curve_steps=curve_steps))
     init = jax.vmap(lambda k: G.weights_from_synapses(spec, G.init_synapses(spec, k)))(keys)
     sgd = baselines.run_baseline("sgd", 0.7, spec.layer_sizes, tasks, task_key, curve_steps=curve_steps,
                                  activation="sigmoid", init_weights=init)

@@ -9,8 +9,6 @@ float64 checks share one T = 7 problem.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,14 +21,16 @@ from evolution import gradients as GR
 from evolution import outer_loop as OL
 from workers import engine as E
 from workers.task_types import Task
+from workers.unroll import init_unroll
 
 SPEC = G.NetworkSpec((4, 5, 3), num_states=2)  # the paper's defaults: tanh, ±1 target feedback, additive
 NUM_STEPS = 7  # odd: windows of 2 and the √T segments of remat="sqrt" end in masked padding
-EPISODE = E.EpisodeConfig(num_steps=NUM_STEPS)
+HORIZON = E.Horizon(NUM_STEPS)
 NUM_TASKS = 2
 SHORT, LONG = 4, 16  # T and 4T of the memory test, also the unroll lengths of the curriculum test
 MEDIUM = (8, 8)  # tasks and steps of the engine-equivalence and meta-training tests
 MEDIUM_EPISODE = E.EpisodeConfig(num_steps=MEDIUM[1])
+MEDIUM_HORIZON = MEDIUM_EPISODE.horizon()
 
 
 def teacher_tasks(seed, num_tasks=NUM_TASKS, num_steps=NUM_STEPS, batch=6, query=12):
@@ -73,8 +73,8 @@ def central_differences(fn, vector, step=1e-5):
     return np.array([(float(fn(vector + step * e)) - float(fn(vector - step * e))) / (2 * step) for e in eye])
 
 
-def estimate(vector, state, estimator, key=jax.random.key(7), tasks=TASKS, config=EPISODE):
-    return GR.estimate(SPEC, vector, tasks, state, key, config=config, estimator=estimator)
+def estimate(vector, state, estimator, key=jax.random.key(7), tasks=TASKS, horizon=HORIZON):
+    return GR.estimate(SPEC, vector, tasks, state, key, horizon=horizon, estimator=estimator)
 
 
 def fresh_state(estimator, dtype=jnp.float64):
@@ -89,14 +89,17 @@ def relative_error(a, b):
 
 
 def test_meta_loss_equals_the_engines_mean_episode_cross_entropy():
-    tasks, keys, config = teacher_tasks(0, *MEDIUM), jax.random.split(jax.random.key(1), MEDIUM[0]), MEDIUM_EPISODE
+    tasks, keys, horizon = teacher_tasks(0, *MEDIUM), jax.random.split(jax.random.key(1), MEDIUM[0]), MEDIUM_HORIZON
     vectors = jnp.stack([random_rule(), hebbian_rule()])
-    engine = E.evaluate(SPEC, vectors, tasks, keys, config)
-    for vector, episodes in zip(vectors, engine.cross_entropy):
+    engine = E.evaluate(SPEC, vectors, tasks, keys, MEDIUM_EPISODE.scoring, horizon)
+    for vector, episodes, fitness in zip(vectors, engine.cross_entropy, engine.fitness):
         state = GR.init_state(SPEC, keys, small("full"))
-        ours = GR.estimate(SPEC, vector, tasks, state, jax.random.key(0), config=config, estimator=small("full"))
+        ours = GR.estimate(SPEC, vector, tasks, state, jax.random.key(0), horizon=horizon, estimator=small("full"))
         np.testing.assert_allclose(ours.loss, jnp.mean(episodes), rtol=1e-5)
-    loss = GR.meta_loss(SPEC, vectors[1], tasks, keys, config)
+        # the ES fitness (cross-entropy, below the cap) aggregated over tasks is the same number
+        np.testing.assert_allclose(GR.meta_loss(SPEC, vector, tasks, keys, horizon),
+                                   E.aggregate_fitness(np.asarray(fitness), MEDIUM_EPISODE.scoring), rtol=1e-5)
+    loss = GR.meta_loss(SPEC, vectors[1], tasks, keys, horizon)
     np.testing.assert_allclose(loss, jnp.mean(engine.cross_entropy[1]), rtol=1e-5)
     assert float(loss) < float(jnp.mean(engine.cross_entropy[0]))  # the Hebbian rule learns, the random one not
 
@@ -113,7 +116,7 @@ def test_full_backprop_matches_central_differences(remat):
         exact = estimate(vector, state, estimator)
         numeric = central_differences(lambda v: estimate(v, state, estimator).loss, vector)
         assert relative_error(exact.grad, numeric) < 1e-7
-        assert int(exact.inner_steps) == NUM_STEPS * NUM_TASKS and GR.done(exact.state, EPISODE)
+        assert int(exact.inner_steps) == NUM_STEPS * NUM_TASKS and GR.done(exact.state, HORIZON)
 
 
 def test_truncated_backprop_with_window_T_equals_full_backprop():
@@ -124,7 +127,7 @@ def test_truncated_backprop_with_window_T_equals_full_backprop():
         truncated = estimate(vector, fresh_state(estimator), estimator)
         np.testing.assert_allclose(truncated.loss, full.loss, rtol=1e-13)
         np.testing.assert_allclose(truncated.grad, full.grad, rtol=1e-10, atol=1e-15)
-        assert GR.done(truncated.state, EPISODE)
+        assert GR.done(truncated.state, HORIZON)
 
 
 def test_truncated_backprop_carries_the_state_and_matches_central_differences_of_each_window():
@@ -132,7 +135,7 @@ def test_truncated_backprop_carries_the_state_and_matches_central_differences_of
         vector = random_rule(jnp.float64)
         estimator = GR.EstimatorConfig("truncated", truncation=2)
         state, steps = fresh_state(estimator), []
-        while not GR.done(state, EPISODE):
+        while not GR.done(state, HORIZON):
             start = state
             result = estimate(vector, start, estimator)
             numeric = central_differences(lambda v: estimate(v, start, estimator).loss, vector)
@@ -152,7 +155,7 @@ def test_truncated_backprop_carries_the_state_and_matches_central_differences_of
 
 def horizon_gradients(vector, horizons):
     """Exact gradients of the mean query loss after t inner steps (genome used in all t steps), per t."""
-    synapses = GR.init_task_synapses(SPEC, SYNAPSE_KEYS, vector.dtype)
+    synapses = init_unroll(SPEC, SYNAPSE_KEYS, dtype=vector.dtype).synapses
 
     @jax.jit
     def grad_at(stop):
@@ -281,7 +284,7 @@ def test_compiled_memory_grows_with_T_for_full_backprop_only():
         options = None if name == "truncated" else {"xla_backend_optimization_level": 0}
         for steps in (SHORT, LONG):
             temp[name, steps] = GR.estimator_memory(SPEC, vector, teacher_tasks(0, num_steps=steps), SYNAPSE_KEYS,
-                                                    E.EpisodeConfig(num_steps=steps), small(name), options)["temp"]
+                                                    E.Horizon(steps), small(name), options)["temp"]
     assert temp["full", LONG] > 2.5 * temp["full", SHORT] > 0
     for name in ("truncated", "pes", "evograd"):
         assert 0 < temp[name, LONG] <= temp[name, SHORT], (name, temp)
@@ -300,7 +303,7 @@ def test_outer_loop_reduces_the_held_out_meta_loss():
     held_out, held_out_keys = teacher_tasks(100, *MEDIUM), jax.random.split(jax.random.key(101), MEDIUM[0])
 
     def held_out_loss(vectors):
-        result = E.evaluate(SPEC, jnp.stack(vectors), held_out, held_out_keys, MEDIUM_EPISODE)
+        result = E.evaluate(SPEC, jnp.stack(vectors), held_out, held_out_keys, E.Scoring(), MEDIUM_HORIZON)
         return np.asarray(result.cross_entropy).mean(axis=1)
 
     initial = hebbian_rule()

@@ -325,7 +325,7 @@ def test_the_memory_estimate_is_on_the_safe_side_of_the_compiled_engine():
                      S((n, q), jnp.int32))
         keys = jax.eval_shape(lambda n=n: jax.random.split(jax.random.key(0), n))
         stats = E._evaluate.lower(spec, S((p, G.num_dims(spec)), jnp.float32), tasks, keys,
-                                  E.EpisodeConfig(num_steps=t)).compile().memory_analysis()
+                                  E.Scoring(), E.Horizon(t)).compile().memory_analysis()
         compiled = (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
                     - stats.alias_size_in_bytes)
         ratio = estimate(layers, k, b, q, t, p, n, G.num_dims(spec)).peak_bytes / compiled

@@ -28,15 +28,15 @@ def test_windows_of_the_shared_core_compose_into_one_unroll():
     key = jax.random.key(3)
     tasks = family.sample(key, 3, 6)
     vectors = jax.vmap(lambda k: G.ravel(spec, G.random_genome(spec, k)))(jax.random.split(key, 4))
-    config = E.EpisodeConfig(num_steps=6)
+    scoring = E.Scoring()
     fresh = E.init_window_synapses(spec, synapse_keys(key, 3), 4)
-    _, after_two = E.evaluate_window(spec, vectors, tasks, fresh, 0, 2, config)
-    _, after_four = E.evaluate_window(spec, vectors, tasks, after_two, 2, 2, config)
-    result_six, after_six = E.evaluate_window(spec, vectors, tasks, after_four, 4, 2, config)
-    direct_result, direct = E.evaluate_window(spec, vectors, tasks, fresh, 0, 6, config)
+    _, after_two = E.evaluate_window(spec, vectors, tasks, fresh, 0, 2, scoring)
+    _, after_four = E.evaluate_window(spec, vectors, tasks, after_two, 2, 2, scoring)
+    result_six, after_six = E.evaluate_window(spec, vectors, tasks, after_four, 4, 2, scoring)
+    direct_result, direct = E.evaluate_window(spec, vectors, tasks, fresh, 0, 6, scoring)
     for a, b in zip(jax.tree.leaves(after_six), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(a, b)
-    full = E.evaluate(spec, vectors, tasks, synapse_keys(key, 3), config)  # the ES fitness of a whole unroll
+    full = E.evaluate(spec, vectors, tasks, synapse_keys(key, 3), scoring, E.Horizon(6))  # a whole unroll's fitness
     np.testing.assert_allclose(result_six.fitness, full.fitness, rtol=1e-6)
     np.testing.assert_array_equal(result_six.fitness, direct_result.fitness)
 

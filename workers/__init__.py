@@ -13,6 +13,8 @@ _EXPORTS = {
     "EpisodeConfig": "workers.engine", "EpisodeResult": "workers.engine", "evaluate": "workers.engine",
     "episode": "workers.engine", "aggregate_fitness": "workers.engine", "query_scores": "workers.engine",
     "canonical_flops": "workers.engine",
+    "Scoring": "workers.unroll", "Horizon": "workers.unroll", "UnrollState": "workers.unroll",
+    "init_unroll": "workers.unroll", "unroll": "workers.unroll", "score": "workers.unroll",
     "Evaluation": "workers.evaluator", "Evaluator": "workers.evaluator", "LocalEvaluator": "workers.evaluator",
     "synapse_keys": "workers.evaluator",
     "FAMILIES": "workers.tasks", "TaskConfig": "workers.tasks", "TaskFamily": "workers.tasks",

@@ -272,9 +272,9 @@ def _gemm_rates(size: int, repeats: int = 3) -> tuple[float, float]:
     return flops / jax_time / 1e9, flops / torch_time / 1e9
 
 
-def _compiled_memory(spec, vectors, tasks, keys, config) -> dict[str, int]:
+def _compiled_memory(spec, vectors, tasks, keys, horizon: E.Horizon) -> dict[str, int]:
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), (vectors, tasks, keys))
-    stats = E._evaluate.lower(spec, *shapes, config).compile().memory_analysis()
+    stats = E._evaluate.lower(spec, *shapes, E.Scoring(), horizon).compile().memory_analysis()
     total = (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
              - stats.alias_size_in_bytes)
     return {"temp": int(stats.temp_size_in_bytes), "argument": int(stats.argument_size_in_bytes), "total": int(total)}
@@ -301,13 +301,13 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
     generator = torch.Generator().manual_seed(0)
     vectorized_workspace, loop_workspace = Workspace(), Workspace()
 
-    config = E.EpisodeConfig(num_steps=scale.steps)
+    horizon = E.Horizon(scale.steps)
 
     def run_engine() -> None:
-        jax.block_until_ready(E.evaluate(spec, vectors, jax_tasks, keys, config))
+        jax.block_until_ready(E.evaluate(spec, vectors, jax_tasks, keys, E.Scoring(), horizon))
 
     log(f"{scale.name}: compiling the engine")
-    memory_t = _compiled_memory(spec, vectors, jax_tasks, keys, config)  # compiles what run_engine calls
+    memory_t = _compiled_memory(spec, vectors, jax_tasks, keys, horizon)  # compiles what run_engine calls
     run_engine()
 
     def run_torch_vectorized() -> None:
@@ -348,7 +348,7 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
 
     log(f"{scale.name}: memory at T={scale.steps} and 4T={4 * scale.steps}")
     tasks_4t = _random_tasks(scale, spec, 4 * scale.steps, seed=3)  # only its shapes are used
-    memory_4t = _compiled_memory(spec, vectors, tasks_4t, keys, E.EpisodeConfig(num_steps=4 * scale.steps))
+    memory_4t = _compiled_memory(spec, vectors, tasks_4t, keys, E.Horizon(4 * scale.steps))
 
     return {
         "layer_sizes": list(scale.layer_sizes),

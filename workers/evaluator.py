@@ -11,7 +11,6 @@ and its initial synapses come from :func:`synapse_keys`, also a function of ``(t
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, NamedTuple, Protocol
 
@@ -68,7 +67,8 @@ class LocalEvaluator:
     def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: engine.EpisodeConfig):
         self.spec = spec
         self.task_config = task_config
-        self.episode_config = dataclasses.replace(episode_config, curve_steps=())
+        self.episode_config = episode_config
+        self.scoring = episode_config.scoring
         self._families: dict[str, TaskFamily] = {}
         self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
@@ -87,9 +87,9 @@ class LocalEvaluator:
     def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int) -> Evaluation:
         start = time.perf_counter()
         tasks = self.family(split).sample(task_key, num_tasks, num_steps)
-        config = dataclasses.replace(self.episode_config, num_steps=int(num_steps))
         result = engine.evaluate(self.spec, jnp.asarray(vectors, jnp.float32), tasks,
-                                 synapse_keys(task_key, num_tasks), config)
+                                 synapse_keys(task_key, num_tasks), self.scoring,
+                                 self.episode_config.horizon(num_steps))
         out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,
                                                    result.diverged)))
         self.eval_seconds += time.perf_counter() - start
@@ -105,8 +105,7 @@ class LocalEvaluator:
         vectors = jnp.asarray(vectors, jnp.float32)
         if synapses is None:
             synapses = engine.init_window_synapses(self.spec, synapse_keys(task_key, num_tasks), vectors.shape[0])
-        result, synapses = engine.evaluate_window(self.spec, vectors, tasks, synapses, start, length,
-                                                  dataclasses.replace(self.episode_config, num_steps=unroll_length))
+        result, synapses = engine.evaluate_window(self.spec, vectors, tasks, synapses, start, length, self.scoring)
         out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,
                                                    result.diverged)))
         self.eval_seconds += time.perf_counter() - start_time

@@ -21,7 +21,6 @@ nodes need this package installed in the same environment.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -260,7 +259,7 @@ class RayEvaluator:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.spec = spec
         self.task_config = task_config
-        self.episode_config = dataclasses.replace(episode_config, curve_steps=())
+        self.episode_config = episode_config
         self.num_workers = num_workers
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
         self.max_retries = max_retries

@@ -7,7 +7,6 @@ chosen on separate meta-validation tasks, then measured on the test tasks.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -33,9 +32,9 @@ def _summary(accuracy: np.ndarray, loss: np.ndarray, curve: np.ndarray | None) -
     }
 
 
-def _genome_scores(spec, genome, tasks, key, episode: engine.EpisodeConfig):
+def _genome_scores(spec, genome, tasks, key, horizon: engine.Horizon):
     result = engine.evaluate(spec, G.ravel(spec, genome)[None], tasks, synapse_keys(key, tasks.query_y.shape[0]),
-                             episode)
+                             engine.Scoring(), horizon)
     return result.accuracy[0], result.cross_entropy[0], result.curve[0]
 
 
@@ -60,23 +59,22 @@ def compare_on_heldout(
     tuning_family = make_family(task_config, "validation")
     tasks = family.sample(test_key, num_test_tasks, num_steps)
     tuning = tuning_family.sample(tuning_key, num_tuning_tasks, num_steps)
-    episode = engine.EpisodeConfig(num_steps=num_steps, curve_steps=tuple(curve_steps),
-                                   skip_last_update=skip_last_update)
+    horizon = engine.Horizon(num_steps, skip_last_update, tuple(curve_steps))
     methods: dict[str, dict[str, Any]] = {}
     for name, genome in genomes.items():
-        accuracy, loss, curve = _genome_scores(spec, genome, tasks, test_key, episode)
+        accuracy, loss, curve = _genome_scores(spec, genome, tasks, test_key, horizon)
         methods[name] = {"learning_rate": None, **_summary(accuracy, loss, curve if curve_steps else None)}
 
     if include_backprop_genome:
-        def backprop_scores(lr, eval_tasks, eval_key, config):
+        def backprop_scores(lr, eval_tasks, eval_key, eval_horizon):
             bp_spec, bp_genome = G.backprop_genome(spec.layer_sizes, lr, loss="cross_entropy")
-            return _genome_scores(bp_spec, bp_genome, eval_tasks, eval_key, config)
+            return _genome_scores(bp_spec, bp_genome, eval_tasks, eval_key, eval_horizon)
 
-        tuning_episode = dataclasses.replace(episode, curve_steps=())
-        scores = {lr: float(np.mean(backprop_scores(lr, tuning, tuning_key, tuning_episode)[0]))
+        tuning_horizon = engine.Horizon(num_steps, skip_last_update)
+        scores = {lr: float(np.mean(backprop_scores(lr, tuning, tuning_key, tuning_horizon)[0]))
                   for lr in learning_rates}
         best_lr = max(scores, key=scores.get)
-        accuracy, loss, curve = backprop_scores(best_lr, tasks, test_key, episode)
+        accuracy, loss, curve = backprop_scores(best_lr, tasks, test_key, horizon)
         methods["backprop genome"] = {"learning_rate": best_lr, **_summary(accuracy, loss, curve if curve_steps else None)}
 
     activation = spec.forward_activation if spec.forward_activation in baselines.ACTIVATIONS else "sigmoid"

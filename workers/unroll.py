@@ -9,13 +9,21 @@ evolution scores:
 * :func:`unroll`: ``length`` rule steps from support batch ``start`` (optionally masked at ``stop``,
   optionally rematerialized for backprop);
 * :func:`query_outputs`: (accuracy, cross-entropy, diverged) of state 0 of the last layer on the query set;
-  :func:`query_loss` is its differentiable cross-entropy, :func:`score` the ES fitness of it.
+  :func:`query_loss` is its differentiable cross-entropy, :func:`score` the ES fitness of it;
+* :func:`init_unroll` / :class:`UnrollState`: the state a truncated unroll carries between windows (the
+  synapses of each task, optionally of each candidate, and the inner-step index).
+
+Two small records say what an episode is. :class:`Scoring` is static for a run (fitness metric, task
+aggregation, the loss cap); :class:`Horizon` is what a call varies (inner steps, learning-curve points).
+``workers.engine.EpisodeConfig`` — the ``episode:`` section of a config file — holds both and hands them
+out (``episode.scoring``, ``episode.horizon(num_steps)``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -24,8 +32,72 @@ import jax.numpy as jnp
 import genome as G
 from workers.task_types import Task
 
-__all__ = ["EpisodeResult", "init_task_synapses", "num_updates", "query_loss", "query_outputs", "query_scores",
+__all__ = ["AGGREGATIONS", "EpisodeResult", "FITNESS_METRICS", "Horizon", "Scoring", "UnrollState",
+           "init_task_synapses", "init_unroll", "num_updates", "query_loss", "query_outputs", "query_scores",
            "score", "unroll"]
+
+FITNESS_METRICS = ("cross_entropy", "error_rate")
+AGGREGATIONS = ("mean", "median", "quantile", "worst")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How an episode is scored; static for a run (a ``jit`` static argument).
+
+    fitness: ``cross_entropy`` or ``error_rate`` of the query set.
+    aggregate: how ``workers.engine.aggregate_fitness`` reduces the task axis: mean, median, quantile or worst.
+    quantile: the quantile for ``aggregate="quantile"``.
+    max_loss: cap (and divergence score) of the query cross-entropy.
+    """
+
+    fitness: str = "cross_entropy"
+    aggregate: str = "mean"
+    quantile: float = 0.5
+    max_loss: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.fitness not in FITNESS_METRICS:
+            raise ValueError(f"fitness must be one of {', '.join(FITNESS_METRICS)}; got {self.fitness!r}")
+        if self.aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}; got {self.aggregate!r}")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """Which inner steps one call runs (a ``jit`` static argument; varies per call with the curriculum).
+
+    num_steps: inner steps T (support batches consumed).
+    skip_last_update: the last support batch is forward-only (the paper's variant); the network learns
+      from T-1 batches.
+    curve_steps: step counts at which query accuracy is also recorded (learning curves), each in 0..T.
+    """
+
+    num_steps: int
+    skip_last_update: bool = False
+    curve_steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_steps", int(self.num_steps))
+        object.__setattr__(self, "curve_steps", tuple(int(s) for s in self.curve_steps))
+        if self.num_steps < 0:
+            raise ValueError(f"num_steps must be >= 0, got {self.num_steps}")
+        if any(s < 0 or s > self.num_steps for s in self.curve_steps):
+            raise ValueError(f"curve_steps must lie in 0..{self.num_steps}, got {self.curve_steps}")
+
+
+class UnrollState(NamedTuple):
+    """Inner-loop state carried across the windows of a truncated unroll.
+
+    synapses: per task ``[K, ...]``, or per candidate and task ``[C, K, ...]`` (ES populations, PES pairs).
+    step: inner steps done in the current unroll (int32 scalar).
+    perturbation: PES accumulated perturbations ``[C/2, D]`` (``[0, D]`` when the outer loop has none).
+    """
+
+    synapses: G.Synapses
+    step: jax.Array
+    perturbation: jax.Array
 
 
 class EpisodeResult(NamedTuple):
@@ -46,9 +118,9 @@ def query_scores(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
     return accuracy, cross_entropy
 
 
-def num_updates(config) -> int:
+def num_updates(horizon: Horizon) -> int:
     """Inner steps that update the synapses (T, or T-1 with ``skip_last_update``), as in the engine."""
-    return config.num_steps - 1 if config.skip_last_update and config.num_steps > 0 else config.num_steps
+    return horizon.num_steps - 1 if horizon.skip_last_update and horizon.num_steps > 0 else horizon.num_steps
 
 
 def query_loss(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task) -> jax.Array:
@@ -107,6 +179,20 @@ def _init_float32(spec, key):
     return G.init_synapses(spec, key, jnp.float32)
 
 
+def init_unroll(spec: G.NetworkSpec, synapse_keys: jax.Array, copies: int = 0, dtype=jnp.float32,
+                perturbations: int = 0) -> UnrollState:
+    """The state at the start of an unroll: task k's fresh synapses (from ``synapse_keys[k]``, as every
+    episode starts), stacked ``copies`` times in front when ``copies > 0`` (one per ES candidate or PES
+    run, all starting alike), step 0, and ``perturbations`` zero rows of accumulated PES noise.
+
+    The initial state depends on the keys only, not on the genome or the tasks (BLUR synapses start
+    from the spec's initialization), so those are not arguments."""
+    synapses = init_task_synapses(spec, synapse_keys, dtype)
+    if copies:
+        synapses = jax.tree.map(lambda a: jnp.broadcast_to(a, (copies,) + a.shape), synapses)
+    return UnrollState(synapses, jnp.zeros((), jnp.int32), jnp.zeros((perturbations, G.num_dims(spec)), dtype))
+
+
 def query_outputs(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task):
     """(accuracy, raw cross-entropy, diverged) of state 0 of the last layer on the task's query set."""
     logits = G.predict(spec, genome, synapses, task.query_x)
@@ -115,13 +201,13 @@ def query_outputs(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, t
     return accuracy, cross_entropy, diverged
 
 
-def score(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task, config,
+def score(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task, scoring: Scoring,
           curve: jax.Array) -> EpisodeResult:
-    """The ES fitness of trained ``synapses``: query cross-entropy (capped at ``config.max_loss``) or error
+    """The ES fitness of trained ``synapses``: query cross-entropy (capped at ``scoring.max_loss``) or error
     rate; a diverged episode scores the worst value. ``curve``: accuracies recorded along the unroll."""
     accuracy, cross_entropy, diverged = query_outputs(spec, genome, synapses, task)
-    if config.fitness == "cross_entropy":
-        fitness = jnp.where(diverged, config.max_loss, jnp.minimum(cross_entropy, config.max_loss))
+    if scoring.fitness == "cross_entropy":
+        fitness = jnp.where(diverged, scoring.max_loss, jnp.minimum(cross_entropy, scoring.max_loss))
     else:
         fitness = jnp.where(diverged, 1.0, 1.0 - accuracy)
     accuracy = jnp.where(diverged, 0.0, accuracy)
