@@ -213,7 +213,7 @@ def evograd_objective(spec: G.NetworkSpec, vector: jax.Array, synapses: G.Synaps
             start = jax.tree.unflatten(treedef, [
                 a + noise_std * jax.random.normal(nk, a.shape, a.dtype) for a, nk in zip(leaves, noise_keys)
             ])
-        return G.step(spec, genome, start, x, y)
+        return G.step(spec, genome, start, x, y, index)
 
     candidates = jax.vmap(candidate)(jnp.arange(num_candidates), jax.random.split(key, num_candidates))
     train_index = (t + num_candidates) % num_batches
@@ -236,7 +236,7 @@ def _evograd(spec, vector, tasks, state, key, horizon, estimator):
         else:
             x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
             y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
-            nxt = G.step(spec, G.unravel(spec, vector), syn, x, y)
+            nxt = G.step(spec, G.unravel(spec, vector), syn, x, y, t)
         return value, grad, jax.lax.stop_gradient(nxt)
 
     def body(carry, i):

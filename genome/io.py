@@ -1,9 +1,13 @@
 """Genome files: safetensors arrays plus JSON metadata in the safetensors header. Nothing is unpickled.
 
 Header metadata (all strings, as safetensors requires):
-``format`` = ``blur-evolve-genome``, ``parameterization_version`` (see :mod:`genome.params`),
-``spec`` (JSON of the NetworkSpec), ``metadata`` (JSON, free-form: fitness, provenance, ...).
-Arrays: one per :class:`Genome` field, named after the field.
+``format`` = ``blur-evolve-genome``, ``file_format_version``, ``parameterization_version`` (see
+:mod:`genome.params`), ``spec`` (JSON of the NetworkSpec), ``metadata`` (JSON, free-form: fitness,
+provenance, ...). Arrays: one per :class:`Genome` field, named after the field.
+
+File format versions: 1 (no ``file_format_version`` entry) had no ``forward_*`` genome fields; 2 adds them
+(the published code's forward-pass synapse genome). Version-1 files still load, the missing fields at
+their neutral values (a version-1 spec cannot enable ``forward_synapse_update``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from genome.errors import UserError
-from genome.params import PARAMETERIZATION_VERSION, Genome, neutral_genome
+from genome.params import FORWARD_SYNAPSE_FIELDS, PARAMETERIZATION_VERSION, Genome, neutral_genome
 from genome.spec import NetworkSpec
 
 FORMAT_NAME = "blur-evolve-genome"
+FILE_FORMAT_VERSION = 2
+_ADDED_IN_VERSION_2 = frozenset(FORWARD_SYNAPSE_FIELDS)
 
 
 class GenomeFileError(UserError):
@@ -98,6 +104,7 @@ def save(path: str | os.PathLike, spec: NetworkSpec, genome: Genome, metadata: d
     tensors = {name: np.array(value, order="C") for name, value in genome._asdict().items()}
     header = {
         "format": FORMAT_NAME,
+        "file_format_version": str(FILE_FORMAT_VERSION),
         "parameterization_version": str(PARAMETERIZATION_VERSION),
         "spec": json.dumps(spec.to_dict(), sort_keys=True),
         "metadata": json.dumps(metadata or {}, sort_keys=True, default=_json_default),
@@ -124,6 +131,10 @@ def load(path: str | os.PathLike) -> tuple[NetworkSpec, Genome, dict]:
         raise GenomeFileError(f"{path}: not a readable genome file (truncated or foreign): {reason}") from None
     if header.get("format") != FORMAT_NAME:
         raise GenomeFileError(f"{path}: not a blur-evolve genome file (format={header.get('format')!r})")
+    file_version = header.get("file_format_version", "1")
+    if file_version not in {str(v) for v in range(1, FILE_FORMAT_VERSION + 1)}:
+        raise GenomeFileError(f"{path}: genome file format version {file_version} is not supported "
+                              f"(this blur-evolve reads versions 1 to {FILE_FORMAT_VERSION})")
     version = header.get("parameterization_version")
     if version != str(PARAMETERIZATION_VERSION):
         raise GenomeFileError(
@@ -139,6 +150,9 @@ def load(path: str | os.PathLike) -> tuple[NetworkSpec, Genome, dict]:
     expected = neutral_genome(spec)
     fields = {}
     for name, neutral in expected._asdict().items():
+        if name not in tensors and file_version == "1" and name in _ADDED_IN_VERSION_2:
+            fields[name] = neutral
+            continue
         if name not in tensors:
             raise GenomeFileError(f"{path}: genome field {name!r} is missing")
         value = tensors[name]

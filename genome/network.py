@@ -78,6 +78,7 @@ _ELEMENTWISE = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
     "elu": jax.nn.elu,
+    "relu_tanh": lambda s: jax.nn.relu(jnp.tanh(s)),
 }
 
 
@@ -122,15 +123,25 @@ def _transposed(a: jax.Array) -> jax.Array:
     return jnp.swapaxes(a, 1, 2)
 
 
-def _column_normalize(block: jax.Array) -> jax.Array:
-    """``W / sqrt(Σ_i W[i, j, o]²)``: normalize the incoming weights of each destination neuron."""
-    return block * jax.lax.rsqrt(jnp.sum(block * block, axis=1, keepdims=True) + 1e-12)
+def _column_normalize(block: jax.Array, epsilon: float) -> jax.Array:
+    """``W / sqrt(Σ_i W[i, j, o]² + ε)``: normalize the incoming weights of each destination neuron."""
+    return block * jax.lax.rsqrt(jnp.sum(block * block, axis=1, keepdims=True) + epsilon)
 
 
 def _pass_blocks(spec: NetworkSpec, blocks: Sequence[jax.Array]) -> Sequence[jax.Array]:
     if spec.synapse_normalization == "activations":
-        return [_column_normalize(b) for b in blocks]
+        return [_column_normalize(b, spec.synapse_normalization_epsilon) for b in blocks]
     return blocks
+
+
+def normalize_at_start(spec: NetworkSpec, synapses: Synapses) -> Synapses:
+    """``synapse_normalization: start``: every stored block normalized per destination neuron before a step
+    (the published ``normalize_synapses`` state update); other modes return ``synapses`` unchanged."""
+    if spec.synapse_normalization != "start":
+        return synapses
+    eps = spec.synapse_normalization_epsilon
+    return Synapses(tuple(_column_normalize(w, eps) for w in synapses.forward),
+                    tuple(_column_normalize(v, eps) for v in synapses.backward))
 
 
 def _normalize_activation(spec: NetworkSpec, genome: Genome, s: jax.Array) -> jax.Array:
@@ -200,76 +211,129 @@ def backward(spec: NetworkSpec, genome: Genome, synapses: Synapses, states: list
             a = activate(spec.backward_activation, f * a + eta * delta)
         elif spec.backward_update == "multiplicative":
             a = activate(spec.backward_activation, f * a * delta)
-        else:  # multiplicative_second_state: state 0 kept, states >= 1 become act_b(f·a·Δ)
+        elif spec.backward_update == "multiplicative_second_state":  # the published code: act_b(f·[a0, a·Δ])
+            a = activate(spec.backward_activation, f * jnp.concatenate([a[:1], a[1:] * delta[1:]], axis=0))
+        else:  # multiplicative_skip_first_state: state 0 untouched, states >= 1 become act_b(f·a·Δ)
             rest = activate(spec.backward_activation, f * a[1:] * delta[1:]) if spec.num_states > 1 else a[1:]
             a = jnp.concatenate([a[:1], rest], axis=0)
         states[layer] = a
     return states
 
 
-def _update_block(spec: NetworkSpec, genome: Genome, block: jax.Array, hebb: jax.Array) -> jax.Array:
-    """Synapse update of one block from its Hebbian term (DESIGN §2 step 4). Source axis is 1."""
-    if spec.oja:  # -sign(η̃)·|m|·W·Σ_r W[r]²: η̃·H always shrinks W
-        column_norm = jnp.sum(block * block, axis=1, keepdims=True)
-        hebb = hebb - jnp.sign(genome.synapse_update) * jnp.abs(genome.oja) * block * column_norm
+class SynapticGenes(NamedTuple):
+    """The genome's parameters of one Hebbian update: the backward-pass update (:func:`backward_genes`) or the
+    forward-pass one of ``spec.forward_synapse_update`` (:func:`forward_genes`)."""
+
+    pre_transform: jax.Array  # ν̃ [k, k]
+    post_transform: jax.Array  # µ̃ [k, k]
+    keep: jax.Array  # f̃ []
+    update: jax.Array  # η̃ []
+    oja: jax.Array  # [] Oja multiplier (shared)
+    saturation: jax.Array  # [] saturation (shared)
+
+
+def backward_genes(genome: Genome) -> SynapticGenes:
+    return SynapticGenes(genome.pre_transform, genome.post_transform, genome.synapse_keep, genome.synapse_update,
+                         genome.oja, genome.saturation)
+
+
+def forward_genes(genome: Genome) -> SynapticGenes:
+    return SynapticGenes(genome.forward_pre_transform, genome.forward_post_transform, genome.forward_synapse_keep,
+                         genome.forward_synapse_update, genome.oja, genome.saturation)
+
+
+def _update_block(spec: NetworkSpec, genes: SynapticGenes, block: jax.Array, hebb: jax.Array,
+                  post: jax.Array, scale: float) -> jax.Array:
+    """Synapse update of one block from its Hebbian term (DESIGN §2 step 4). Source axis is 1.
+
+    ``post``: the destination neurons' mixed states ``Σ_d µ̃[o,d] a[b,j,d]`` as ``[o, b, j]`` (the
+    activation-based Oja term); ``scale``: the batch reduction factor."""
+    if spec.oja:  # -sign(η̃)·extra·[|m|]·W·S: η̃·(H + oja term) always shrinks W
+        if spec.oja_variant == "synapse_weights":
+            strength = jnp.sum(block * block, axis=1, keepdims=True)  # Σ_r W[r, j, o]²
+        else:  # activations: Σ_b (µ̃·a_j)², per destination neuron and state
+            strength = scale * jnp.sum(post * post, axis=1, keepdims=True)
+        factor = spec.oja_extra_multiplier * (jnp.abs(genes.oja) if spec.oja_use_multiplier else 1.0)
+        hebb = hebb - jnp.sign(genes.update) * factor * block * strength
     if spec.saturation:
-        d_block = (genome.synapse_keep - 1.0) * block + genome.synapse_update * hebb
-        d_block = d_block * jnp.exp(-jnp.abs(block) * (spec.saturation_epsilon + jnp.abs(genome.saturation)))
+        d_block = (genes.keep - 1.0) * block + genes.update * hebb
+        d_block = d_block * jnp.exp(-jnp.abs(block) * (spec.saturation_epsilon + jnp.abs(genes.saturation)))
         block = block + d_block
     else:
-        block = genome.synapse_keep * block + genome.synapse_update * hebb
+        block = genes.keep * block + genes.update * hebb
     if spec.synapse_normalization == "stored":
-        block = _column_normalize(block)
+        block = _column_normalize(block, spec.synapse_normalization_epsilon)
     if spec.symmetric_states:
         block = _tie_states(block)
     return block
 
 
-def hebbian_update(spec: NetworkSpec, genome: Genome, synapses: Synapses, states: list[jax.Array]) -> Synapses:
-    """Update every synapse block from the post-backward neuron states (DESIGN §2 step 4)."""
+def hebbian_update(spec: NetworkSpec, genome: Genome, synapses: Synapses, states: list[jax.Array],
+                   pre_states: list[jax.Array] | None = None, genes: SynapticGenes | None = None) -> Synapses:
+    """Update every synapse block from the neuron states (DESIGN §2 step 4).
+
+    Block l pairs ``pre_states[l]`` (default ``states[l]``) with ``states[l + 1]``; ``genes`` default to the
+    backward-pass update's (:func:`backward_genes`)."""
+    genes = backward_genes(genome) if genes is None else genes
+    pre_states = states if pre_states is None else pre_states
     scale = 1.0 / states[0].shape[1] if spec.batch_reduction == "mean" else 1.0
-    nu_t, mu_t = genome.pre_transform, genome.post_transform
+    nu_t, mu_t = genes.pre_transform, genes.post_transform
     forward_blocks, backward_blocks = [], []
     for layer in range(spec.num_layers):
-        a_in, a_out = states[layer], states[layer + 1]
+        a_in, a_out = pre_states[layer], states[layer + 1]
         pre_t = _mix_states(_transposed(a_in), nu_t)  # Σ_e a^l[b,i,e] ν̃[e,o], as [o, i, b]
         post = _mix_states(a_out, mu_t.T)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d], as [o, b, j]
         # H_f[i,j,o] = Σ_b pre[b,i,o] post[b,j,o]; the bias unit's pre is Σ_e ν̃[e,o] for every b, so the
         # bias row is that times Σ_b post (cheaper than appending a bias row to pre_t before the product).
         bias_row = jnp.reshape(jnp.sum(nu_t, axis=0), (-1, 1, 1)) * jnp.sum(post, axis=1, keepdims=True)
         h_forward = scale * jnp.concatenate([jnp.matmul(pre_t, post), bias_row.astype(post.dtype)], axis=1)
-        w = _update_block(spec, genome, synapses.forward[layer], h_forward)
+        w = _update_block(spec, genes, synapses.forward[layer], h_forward, post, scale)
         if spec.symmetric_in_out:
             v = _tied_backward(w)
         else:
             pre_b_t = _mix_states(_transposed(a_out), nu_t)  # Σ_e a^{l+1}[b,j,e] ν̃[e,o], as [o, j, b]
             post_b = _mix_states(a_in, mu_t.T)  # Σ_d µ̃[o,d] a^l[b,i,d], as [o, b, i]
             h_backward = scale * jnp.matmul(pre_b_t, post_b)  # H_b[j,i,o] = Σ_b pre_b[b,j,o] post_b[b,i,o]
-            v = _update_block(spec, genome, synapses.backward[layer], h_backward)
+            v = _update_block(spec, genes, synapses.backward[layer], h_backward, post_b, scale)
         forward_blocks.append(w)
         backward_blocks.append(v)
     return Synapses(tuple(forward_blocks), tuple(backward_blocks))
 
 
 def step_states(
-    spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array
+    spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array, t=0
 ) -> tuple[Synapses, list[jax.Array]]:
-    """One inner learning step; also returns the post-backward neuron states (for inspection and tests)."""
-    states = forward(spec, genome, synapses, x)
-    states[-1] = feedback(spec, states[-1], y)
-    states = backward(spec, genome, synapses, states)
-    return hebbian_update(spec, genome, synapses, states), states
+    """One inner learning step (inner step index ``t``); also returns the final neuron states (for
+    inspection and tests): after the backward pass, or after the forward pass on a forward-only step."""
+    synapses = normalize_at_start(spec, synapses)
+    forward_states = forward(spec, genome, synapses, x)
+    if spec.forward_synapse_update:
+        synapses = hebbian_update(spec, genome, synapses, forward_states, genes=forward_genes(genome))
+
+    def supervised(synapses):
+        states = list(forward_states)
+        states[-1] = feedback(spec, states[-1], y)
+        states = backward(spec, genome, synapses, states)
+        pre = forward_states if spec.use_forward_activations_for_synapse_update else None
+        return hebbian_update(spec, genome, synapses, states, pre), states
+
+    if spec.supervised_every == 1:
+        return supervised(synapses)
+    return jax.lax.cond(jnp.asarray(t) % spec.supervised_every == 0, supervised,
+                        lambda synapses: (synapses, list(forward_states)), synapses)
 
 
-def step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array) -> Synapses:
+def step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array, t=0) -> Synapses:
     """One inner learning step on a batch: forward, feedback, backward, Hebbian update.
 
-    ``x``: ``[B, n_in]`` inputs, ``y``: ``[B]`` integer labels. Pure: vmap over genomes and/or synapses,
-    jit with ``spec`` static, differentiate with respect to ``genome``.
+    ``x``: ``[B, n_in]`` inputs, ``y``: ``[B]`` integer labels, ``t``: the inner step index (only
+    ``spec.supervised_every`` reads it; may be traced). Pure: vmap over genomes and/or synapses, jit with
+    ``spec`` static, differentiate with respect to ``genome``.
     """
-    return step_states(spec, genome, synapses, x, y)[0]
+    return step_states(spec, genome, synapses, x, y, t)[0]
 
 
 def predict(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> jax.Array:
-    """State 0 of the last layer after a forward pass: ``[B, n_out]``."""
-    return forward(spec, genome, synapses, x)[-1][0]
+    """State 0 of the last layer after a forward pass: ``[B, n_out]`` (from synapses normalized first under
+    ``synapse_normalization: start``, as the published query step does)."""
+    return forward(spec, genome, normalize_at_start(spec, synapses), x)[-1][0]

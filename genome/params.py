@@ -14,8 +14,12 @@ neuron_update      η        1        identity
 synapse_keep       f̃        1        identity
 synapse_update     η̃        1        ``1e-3 · sinh(u)``: a signed log scale (|η̃| ≈ 5e-4·e^|u| for |u| > 2)
 norm_scale, norm_shift      k, k     identity; only when ``spec.activation_norm``
-oja                m        1        ``1e-2 · sinh(u)``; only when ``spec.oja``
+oja                m        1        ``1e-2 · sinh(u)``; only when ``spec.oja`` and ``spec.oja_use_multiplier``
 saturation         s        1        identity; only when ``spec.saturation``
+forward_pre_transform,      k², k²,  as their backward-pass counterparts; only when
+forward_post_transform,     1, 1     ``spec.forward_synapse_update`` (the published ``forward_synapse``
+forward_synapse_keep,                genome: the Hebbian update after the forward pass)
+forward_synapse_update
 ==========================  =======  ==============================================================
 
 Rates live on very different scales (η̃ ≈ 1e-3, matrices ≈ 1); the ``sinh`` maps give a unit step in ``u``
@@ -57,12 +61,18 @@ class Genome(NamedTuple):
     synapse_update: jax.Array  # η̃ []
     norm_scale: jax.Array  # [k], used when spec.activation_norm
     norm_shift: jax.Array  # [k], used when spec.activation_norm
-    oja: jax.Array  # [], used when spec.oja
+    oja: jax.Array  # [], used when spec.oja and spec.oja_use_multiplier
     saturation: jax.Array  # [], used when spec.saturation
+    forward_pre_transform: jax.Array  # [k, k], used when spec.forward_synapse_update
+    forward_post_transform: jax.Array  # [k, k], used when spec.forward_synapse_update
+    forward_synapse_keep: jax.Array  # [], used when spec.forward_synapse_update
+    forward_synapse_update: jax.Array  # [], used when spec.forward_synapse_update
 
 
 _MATRICES = ("forward_transform", "backward_transform", "pre_transform", "post_transform")
 _SCALARS = ("neuron_keep", "neuron_update", "synapse_keep")
+FORWARD_SYNAPSE_FIELDS = ("forward_pre_transform", "forward_post_transform", "forward_synapse_keep",
+                          "forward_synapse_update")
 
 
 def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
@@ -83,6 +93,10 @@ def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
         norm_shift=jnp.zeros((k,), dtype),
         oja=one,
         saturation=one,
+        forward_pre_transform=eye,
+        forward_post_transform=eye,
+        forward_synapse_keep=one,
+        forward_synapse_update=jnp.asarray(-1e-3, dtype),
     )
 
 
@@ -94,6 +108,10 @@ def random_genome(spec: NetworkSpec, key: jax.Array, transform_std: float = 1.0,
     matrices = {
         name: transform_std * jax.random.normal(sub, (k, k), dtype) for name, sub in zip(_MATRICES, keys)
     }
+    if spec.forward_synapse_update:  # its own draws; the four matrices above are unchanged
+        pre_key, post_key = jax.random.split(jax.random.fold_in(key, 1))
+        matrices["forward_pre_transform"] = transform_std * jax.random.normal(pre_key, (k, k), dtype)
+        matrices["forward_post_transform"] = transform_std * jax.random.normal(post_key, (k, k), dtype)
     return neutral_genome(spec, dtype)._replace(**matrices)
 
 
@@ -102,8 +120,9 @@ def num_dims(spec: NetworkSpec) -> int:
     k = spec.num_states
     dims = 4 * k * k + 4
     dims += 2 * k if spec.activation_norm else 0
-    dims += 1 if spec.oja else 0
+    dims += 1 if spec.oja and spec.oja_use_multiplier else 0
     dims += 1 if spec.saturation else 0
+    dims += 2 * k * k + 2 if spec.forward_synapse_update else 0
     return dims
 
 
@@ -114,10 +133,14 @@ def ravel(spec: NetworkSpec, genome: Genome) -> jax.Array:
     parts.append(jnp.reshape(jnp.arcsinh(genome.synapse_update / _SYNAPSE_UPDATE_SCALE), (1,)))
     if spec.activation_norm:
         parts += [jnp.ravel(genome.norm_scale), jnp.ravel(genome.norm_shift)]
-    if spec.oja:
+    if spec.oja and spec.oja_use_multiplier:
         parts.append(jnp.reshape(jnp.arcsinh(genome.oja / _OJA_SCALE), (1,)))
     if spec.saturation:
         parts.append(jnp.reshape(genome.saturation, (1,)))
+    if spec.forward_synapse_update:
+        parts += [jnp.ravel(genome.forward_pre_transform), jnp.ravel(genome.forward_post_transform),
+                  jnp.reshape(genome.forward_synapse_keep, (1,)),
+                  jnp.reshape(jnp.arcsinh(genome.forward_synapse_update / _SYNAPSE_UPDATE_SCALE), (1,))]
     return jnp.concatenate(parts)
 
 
@@ -144,8 +167,13 @@ def unravel(spec: NetworkSpec, vector: jax.Array) -> Genome:
     if spec.activation_norm:
         fields["norm_scale"] = take(k)
         fields["norm_shift"] = take(k)
-    if spec.oja:
+    if spec.oja and spec.oja_use_multiplier:
         fields["oja"] = _OJA_SCALE * jnp.sinh(take(1)[0])
     if spec.saturation:
         fields["saturation"] = take(1)[0]
+    if spec.forward_synapse_update:
+        fields["forward_pre_transform"] = jnp.reshape(take(k * k), (k, k))
+        fields["forward_post_transform"] = jnp.reshape(take(k * k), (k, k))
+        fields["forward_synapse_keep"] = take(1)[0]
+        fields["forward_synapse_update"] = _SYNAPSE_UPDATE_SCALE * jnp.sinh(take(1)[0])
     return Genome(**fields)

@@ -21,22 +21,46 @@ ACTIVATIONS = (
     "tanh",
     "sigmoid",
     "elu",
+    "relu_tanh",  # relu(tanh(s)): the published code's default hidden and backward activation
     # State-dependent activations (state 0 / state 1 differ; states >= 2 pass through unchanged):
     "sigmoid_backprop",  # (sigma(s0), sigma'(s1)): a hidden neuron of the backprop special case
     "linear_backprop",  # (s0, 1): the output neuron of the backprop special case
 )
-BACKWARD_UPDATES = ("additive", "multiplicative", "multiplicative_second_state")
+BACKWARD_UPDATES = ("additive", "multiplicative", "multiplicative_second_state", "multiplicative_skip_first_state")
 FEEDBACK_MODES = ("target", "error_mse", "error_cross_entropy")
-SYNAPSE_NORMALIZATIONS = ("none", "stored", "activations")
+SYNAPSE_NORMALIZATIONS = ("none", "stored", "activations", "start")
 BATCH_REDUCTIONS = ("sum", "mean")
+OJA_VARIANTS = ("synapse_weights", "activations")
 
-BackwardUpdate = Literal["additive", "multiplicative", "multiplicative_second_state"]
+BackwardUpdate = Literal["additive", "multiplicative", "multiplicative_second_state",
+                         "multiplicative_skip_first_state"]
 FeedbackMode = Literal["target", "error_mse", "error_cross_entropy"]
 
 
 class SpecError(UserError):
     """A NetworkSpec field has an impossible value."""
 
+
+# The published code's defaults (``blur.default_network_spec`` and the option defaults of ``blur.NetworkSpec``,
+# ``OjasSpec``, ``normalize_synapses``), for :meth:`NetworkSpec.official` and ``network.preset: official``;
+# its unroll also skips the last step's update (``has_more_steps``): ``episode.skip_last_update``.
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "forward_activation": "relu_tanh",
+    "backward_activation": "relu_tanh",
+    "output_activation": "tanh",
+    "backward_update": "additive",
+    "feedback": "target",
+    "symmetric_in_out": False,
+    "symmetric_states": False,
+    "batch_reduction": "sum",
+    "oja_variant": "activations",
+    "oja_use_multiplier": False,
+    "oja_extra_multiplier": 1.0,
+    "synapse_normalization_epsilon": 1e-9,
+    "supervised_every": 1,
+    "forward_synapse_update": False,
+    "use_forward_activations_for_synapse_update": False,
+}
 
 MAX_LAYER_WIDTH = 1 << 20  # neurons in one layer
 MAX_NUM_STATES = 64  # k: the genome has 4k² + 4 numbers
@@ -53,7 +77,11 @@ class NetworkSpec:
       forward_activation: activation of hidden layers on the forward pass.
       output_activation: activation of the last layer on the forward pass.
       backward_activation: ``act_b`` applied on the backward pass.
-      backward_update: how the backward message ``Δ`` changes a neuron (DESIGN §2 step 3).
+      backward_update: how the backward message ``Δ`` changes a neuron (DESIGN §2 step 3): ``additive``
+        ``act_b(f·a + η·Δ)``; ``multiplicative`` ``act_b(f·a·Δ)``; ``multiplicative_second_state`` the
+        published code's ``act_b(f·[a_0, a_1·Δ_1, ..., a_{k-1}·Δ_{k-1}])`` (state 0 keeps its value before
+        ``f`` and ``act_b``, which apply to every state); ``multiplicative_skip_first_state`` state 0 passes
+        through untouched and states >= 1 become ``act_b(f·a·Δ)`` (the published code's comment).
       feedback: what the last layer receives: ``target`` writes the ±1 one-hot target into state 1 (the
         paper's default); ``error_mse`` writes ``z - onehot`` and ``error_cross_entropy`` writes
         ``softmax(z) - onehot`` (per-example dL/dz of ½‖z - t‖² and of softmax cross-entropy). States >= 2
@@ -62,14 +90,30 @@ class NetworkSpec:
       symmetric_states: every synapse state equals state 0, always.
       activation_norm: per-state batch normalization of hidden pre-activations with the genome's
         ``norm_scale`` / ``norm_shift`` (statistics over the batch, per neuron and state).
-      oja: add Oja's decay to the Hebbian term, scaled by the genome's ``oja``.
+      oja: add Oja's decay to the Hebbian term, always shrinking (``× -sign(η̃)``).
+      oja_variant: ``synapse_weights``: ``-W[i,j,o]·Σ_r W[r,j,o]²`` over the block's source rows;
+        ``activations`` (the published default): ``-W[i,j,o]·Σ_b (Σ_d µ̃[o,d]·a_j[b,d])²`` with ``a_j`` the
+        destination neuron's states (batch-scaled like the Hebbian term).
+      oja_use_multiplier: scale the term by the genome's ``|oja|`` (in the genome only when true).
+      oja_extra_multiplier: a fixed factor of the term (the published ``extra_multiplier``).
       saturation: exp saturation of synapse updates with the genome's ``saturation``.
       saturation_epsilon: ``ε`` in ``dW *= exp(-|W| (ε + |s|))``.
       synapse_normalization: ``none``; ``stored`` divides stored blocks by their per-destination norm
-        after every update; ``activations`` uses normalized blocks only inside the passes.
+        after every update; ``activations`` uses normalized blocks only inside the passes (the published
+        ``normalize_in_activations``); ``start`` normalizes the stored blocks at the start of every step
+        (the published ``normalize_synapses``).
+      synapse_normalization_epsilon: ``W / sqrt(Σ W² + ε)`` (the published code uses 1e-9).
       batch_reduction: the Hebbian term sums over the batch (``sum``, the paper) or averages (``mean``).
       synapse_init_std: std of the normal synapse initialization (the paper's 0.1).
       norm_epsilon: variance epsilon of the activation normalization.
+      supervised_every: ``n``: feedback, backward pass and backward synapse update happen on inner steps
+        ``t`` with ``t % n == 0`` only; the other steps are forward-only (the published ``supervised_every``).
+      forward_synapse_update: a Hebbian update right after the forward pass as well, from the forward
+        states, with the genome's own ``forward_*`` transforms and rates (the published
+        ``forward_synapse_update`` with a separate ``forward_synapse`` genome).
+      use_forward_activations_for_synapse_update: the pre-synaptic side (layer l of block l) of the
+        backward-pass Hebbian update uses the forward-pass states, the post-synaptic side the states after
+        the backward pass (the published flag of the same name).
     """
 
     layer_sizes: tuple[int, ...]
@@ -89,6 +133,13 @@ class NetworkSpec:
     batch_reduction: str = "sum"
     synapse_init_std: float = 0.1
     norm_epsilon: float = 1e-5
+    oja_variant: str = "synapse_weights"
+    oja_use_multiplier: bool = True
+    oja_extra_multiplier: float = 1.0
+    synapse_normalization_epsilon: float = 1e-12
+    supervised_every: int = 1
+    forward_synapse_update: bool = False
+    use_forward_activations_for_synapse_update: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_sizes", tuple(int(n) for n in self.layer_sizes))
@@ -111,7 +162,26 @@ class NetworkSpec:
         _check_choice("feedback", self.feedback, FEEDBACK_MODES)
         _check_choice("synapse_normalization", self.synapse_normalization, SYNAPSE_NORMALIZATIONS)
         _check_choice("batch_reduction", self.batch_reduction, BATCH_REDUCTIONS)
-        for name in ("synapse_init_std", "norm_epsilon", "saturation_epsilon"):
+        _check_choice("oja_variant", self.oja_variant, OJA_VARIANTS)
+        for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation",
+                     "oja_use_multiplier", "forward_synapse_update", "use_forward_activations_for_synapse_update"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.supervised_every, bool) or not isinstance(self.supervised_every, int) \
+                or not 1 <= self.supervised_every <= 1 << 20:
+            raise SpecError(f"supervised_every must be an integer >= 1, got {self.supervised_every!r}")
+        if self.forward_synapse_update and self.use_forward_activations_for_synapse_update:
+            raise SpecError("forward_synapse_update and use_forward_activations_for_synapse_update cannot be "
+                            "combined (the published code does not define it: its forward update has no "
+                            "forward state to read)")
+        drifting = [name for name, on in (("synapse_normalization: start", self.synapse_normalization == "start"),
+                                          ("oja_variant: activations", self.oja and self.oja_variant == "activations"))
+                    if on]
+        if drifting and (self.symmetric_in_out or self.symmetric_states):
+            raise SpecError(f"{drifting[0]} with symmetric_in_out / symmetric_states: the published code lets the "
+                            "tied blocks drift apart under it, so the symmetric flags could not hold")
+        for name in ("synapse_init_std", "norm_epsilon", "saturation_epsilon", "oja_extra_multiplier",
+                     "synapse_normalization_epsilon"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SpecError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -141,6 +211,17 @@ class NetworkSpec:
         if unknown:
             raise SpecError(f"unknown NetworkSpec field(s): {', '.join(unknown)}")
         return cls(**{**data, "layer_sizes": tuple(data["layer_sizes"])})
+
+    @classmethod
+    def official(cls, layer_sizes: tuple[int, ...], num_states: int = 2, **changes: Any) -> "NetworkSpec":
+        """The published code's default network (:data:`OFFICIAL_DEFAULTS`), with ``changes`` on top."""
+        return cls(layer_sizes=tuple(layer_sizes), num_states=num_states, **{**OFFICIAL_DEFAULTS, **changes})
+
+    def non_default_options(self) -> dict[str, Any]:
+        """The fields (other than the shape) that differ from the defaults: what a genome file "uses"."""
+        defaults = NetworkSpec(self.layer_sizes)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("layer_sizes", "num_states") and getattr(self, f.name) != getattr(defaults, f.name)}
 
     def replace(self, **changes: Any) -> "NetworkSpec":
         return dataclasses.replace(self, **changes)

@@ -66,6 +66,10 @@ class TorchGenome(NamedTuple):
     norm_shift: torch.Tensor  # [k]
     oja: torch.Tensor  # []
     saturation: torch.Tensor  # []
+    forward_pre_transform: torch.Tensor  # [k, k]
+    forward_post_transform: torch.Tensor  # [k, k]
+    forward_synapse_keep: torch.Tensor  # []
+    forward_synapse_update: torch.Tensor  # []
 
     def to(self, device: Device = None, dtype: torch.dtype | None = None) -> "TorchGenome":
         return TorchGenome(*(t.to(device=device, dtype=dtype) for t in self))
@@ -127,6 +131,7 @@ _ELEMENTWISE = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
     "elu": F.elu,
+    "relu_tanh": lambda s: torch.relu(torch.tanh(s)),
 }
 
 
@@ -151,9 +156,9 @@ def _with_bias(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
-def _column_normalize(block: torch.Tensor) -> torch.Tensor:
-    """``W / sqrt(Σ_i W[i, j, o]²)`` over the source axis 1."""
-    return block * torch.rsqrt(torch.sum(block * block, dim=1, keepdim=True) + 1e-12)
+def _column_normalize(block: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``W / sqrt(Σ_i W[i, j, o]² + ε)`` over the source axis 1."""
+    return block * torch.rsqrt(torch.sum(block * block, dim=1, keepdim=True) + epsilon)
 
 
 def _tie_states(block: torch.Tensor) -> torch.Tensor:
@@ -199,6 +204,7 @@ class MultiStateMLP:
         self.forward = [w.detach().to(device=first.device, dtype=first.dtype) for w in forward]
         self.backward = [v.detach().to(device=first.device, dtype=first.dtype) for v in backward]
         self.genome = genome_to_torch(genome, first.device, first.dtype)
+        self.step_index = 0  # inner steps taken (``spec.supervised_every`` reads it)
 
     # ------------------------------------------------------------------------------------------ builders
 
@@ -314,8 +320,14 @@ class MultiStateMLP:
 
     def _pass_blocks(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.spec.synapse_normalization == "activations":
-            return [_column_normalize(b) for b in blocks]
+            return [_column_normalize(b, self.spec.synapse_normalization_epsilon) for b in blocks]
         return blocks
+
+    def _normalize_at_start(self) -> None:
+        if self.spec.synapse_normalization == "start":
+            eps = self.spec.synapse_normalization_epsilon
+            self.forward[:] = [_column_normalize(w, eps) for w in self.forward]
+            self.backward[:] = [_column_normalize(v, eps) for v in self.backward]
 
     def _normalize_activation(self, s: torch.Tensor) -> torch.Tensor:
         mean = torch.mean(s, dim=1, keepdim=True)
@@ -367,62 +379,99 @@ class MultiStateMLP:
                 a = activate(act_b, f * a + eta * delta)
             elif spec.backward_update == "multiplicative":
                 a = activate(act_b, f * a * delta)
-            elif spec.num_states > 1:  # multiplicative_second_state: state 0 kept
+            elif spec.backward_update == "multiplicative_second_state":  # published: act_b(f·[a0, a·Δ])
+                a = activate(act_b, f * torch.cat([a[:1], a[1:] * delta[1:]], dim=0))
+            elif spec.num_states > 1:  # multiplicative_skip_first_state: state 0 kept
                 a = torch.cat([a[:1], activate(act_b, f * a[1:] * delta[1:])], dim=0)
             states[layer] = a
         return states
 
-    def _update_block(self, block: torch.Tensor, hebb: torch.Tensor) -> torch.Tensor:
-        """DESIGN §2 step 4 for one block (source axis 1): Oja, saturation, normalization, state tie."""
+    def _update_block(self, genes: tuple, block: torch.Tensor, hebb: torch.Tensor, post: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """DESIGN §2 step 4 for one block (source axis 1): Oja, saturation, normalization, state tie.
+        ``genes``: (ν̃, µ̃, f̃, η̃) of the update; ``post``: the destination's mixed states ``[o, b, j]``."""
         spec, g = self.spec, self.genome
-        if spec.oja:  # -sign(η̃)·|m|·W·Σ_r W[r]²
-            column_norm = torch.sum(block * block, dim=1, keepdim=True)
-            hebb = hebb - torch.sign(g.synapse_update) * torch.abs(g.oja) * block * column_norm
+        _, _, keep, update = genes
+        if spec.oja:  # -sign(η̃)·extra·[|m|]·W·S
+            if spec.oja_variant == "synapse_weights":
+                strength = torch.sum(block * block, dim=1, keepdim=True)
+            else:
+                strength = scale * torch.sum(post * post, dim=1, keepdim=True)
+            factor = spec.oja_extra_multiplier * (torch.abs(g.oja) if spec.oja_use_multiplier else 1.0)
+            hebb = hebb - torch.sign(update) * factor * block * strength
         if spec.saturation:
-            d_block = (g.synapse_keep - 1.0) * block + g.synapse_update * hebb
+            d_block = (keep - 1.0) * block + update * hebb
             d_block = d_block * torch.exp(-torch.abs(block) * (spec.saturation_epsilon + torch.abs(g.saturation)))
             block = block + d_block
         else:
-            block = g.synapse_keep * block + g.synapse_update * hebb
+            block = keep * block + update * hebb
         if spec.synapse_normalization == "stored":
-            block = _column_normalize(block)
+            block = _column_normalize(block, spec.synapse_normalization_epsilon)
         if spec.symmetric_states:
             block = _tie_states(block)
         return block
 
-    def _hebbian_update(self, states: list[torch.Tensor]) -> None:
+    def _hebbian_update(self, states: list[torch.Tensor], pre_states: list[torch.Tensor] | None = None,
+                        forward_pass: bool = False) -> None:
         spec, g = self.spec, self.genome
+        genes = ((g.forward_pre_transform, g.forward_post_transform, g.forward_synapse_keep, g.forward_synapse_update)
+                 if forward_pass else (g.pre_transform, g.post_transform, g.synapse_keep, g.synapse_update))
+        nu_t, mu_t = genes[0], genes[1]
+        pre_states = states if pre_states is None else pre_states
         scale = 1.0 / states[0].shape[1] if spec.batch_reduction == "mean" else 1.0
         forward, backward = [], []
         for layer in range(spec.num_layers):
-            a_in, a_out = states[layer], states[layer + 1]
-            pre = _mix(_with_bias(a_in), g.pre_transform)  # Σ_e ā^l[b,i,e] ν̃[e,o]
-            post = torch.einsum("od,dbj->obj", g.post_transform, a_out)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d]
-            w = self._update_block(self.forward[layer], scale * torch.bmm(pre.transpose(1, 2), post))
+            a_in, a_out = pre_states[layer], states[layer + 1]
+            pre = _mix(_with_bias(a_in), nu_t)  # Σ_e ā^l[b,i,e] ν̃[e,o]
+            post = torch.einsum("od,dbj->obj", mu_t, a_out)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d]
+            w = self._update_block(genes, self.forward[layer], scale * torch.bmm(pre.transpose(1, 2), post), post,
+                                   scale)
             if spec.symmetric_in_out:
                 v = _tied_backward(w)
             else:
-                pre_b = _mix(a_out, g.pre_transform)
-                post_b = torch.einsum("od,dbi->obi", g.post_transform, a_in)
-                v = self._update_block(self.backward[layer], scale * torch.bmm(pre_b.transpose(1, 2), post_b))
+                pre_b = _mix(a_out, nu_t)
+                post_b = torch.einsum("od,dbi->obi", mu_t, a_in)
+                v = self._update_block(genes, self.backward[layer], scale * torch.bmm(pre_b.transpose(1, 2), post_b),
+                                       post_b, scale)
             forward.append(w)
             backward.append(v)
         self.forward[:], self.backward[:] = forward, backward
 
     @torch.no_grad()
-    def step(self, x: Any, y: Any) -> None:
+    def step(self, x: Any, y: Any, t: int | None = None) -> None:
         """One inner learning step on a batch: forward, feedback, backward, Hebbian update (DESIGN §2).
 
         ``x``: ``[B, n_in]`` (or ``[B, ...]``, flattened), ``y``: ``[B]`` integer labels; tensors or arrays,
-        moved to the synapses' device. Updates ``forward`` / ``backward`` in place (new tensors in the lists).
+        moved to the synapses' device. ``t``: the inner step index for ``spec.supervised_every`` (default:
+        the steps this network has taken). Updates ``forward`` / ``backward`` in place (new tensors in the
+        lists).
         """
+        spec = self.spec
+        t = self.step_index if t is None else int(t)
+        self.step_index += 1
         x = self._inputs(x)
         y = self._as_tensor(y).long()
-        states = self._forward_states(x)
+        self._normalize_at_start()
+        forward_states = self._forward_states(x)
+        if spec.forward_synapse_update:
+            self._hebbian_update(forward_states, forward_pass=True)
+        if t % spec.supervised_every:
+            return  # a forward-only step
+        states = list(forward_states)
         states[-1] = self._feedback(states[-1], y)
-        self._hebbian_update(self._backward_states(states))
+        pre = forward_states if spec.use_forward_activations_for_synapse_update else None
+        self._hebbian_update(self._backward_states(states), pre)
 
     @torch.no_grad()
     def predict(self, x: Any) -> torch.Tensor:
-        """State 0 of the last layer after a forward pass: logits ``[B, n_out]``."""
+        """State 0 of the last layer after a forward pass: logits ``[B, n_out]`` (from normalized synapses
+        under ``synapse_normalization: start``, as :func:`genome.predict`; the stored ones are not changed)."""
+        if self.spec.synapse_normalization == "start":
+            eps = self.spec.synapse_normalization_epsilon
+            saved = self.forward
+            self.forward = [_column_normalize(w, eps) for w in saved]
+            try:
+                return self._forward_states(self._inputs(x))[-1][0]
+            finally:
+                self.forward = saved
         return self._forward_states(self._inputs(x))[-1][0]

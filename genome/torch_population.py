@@ -45,14 +45,18 @@ _TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh_,
     "sigmoid": torch.sigmoid_,
     "elu": torch.nn.functional.elu_,
+    "relu_tanh": lambda s: torch.relu_(torch.tanh_(s)),
 }
 
 
 def check_torch_support(spec: G.NetworkSpec) -> None:
     """The bench's PyTorch step covers the plain rule: elementwise activations, no symmetric flags,
     normalization, Oja or saturation."""
-    unsupported = [name for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation")
+    unsupported = [name for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation",
+                                     "forward_synapse_update", "use_forward_activations_for_synapse_update")
                    if getattr(spec, name)]
+    if spec.supervised_every != 1:
+        unsupported.append("supervised_every")
     unsupported += [name for name in ("forward_activation", "output_activation", "backward_activation")
                     if getattr(spec, name) not in _TORCH_ACTIVATIONS]
     if spec.synapse_normalization != "none":
@@ -158,7 +162,11 @@ def _backward(spec: G.NetworkSpec, g: TorchGenomes, backward: Sequence[torch.Ten
             states[layer] = act_b(delta.mul_(eta).addcmul_(a, f))
         elif spec.backward_update == "multiplicative":
             states[layer] = act_b(delta.mul_(a).mul_(f))
-        else:  # multiplicative_second_state: state 0 kept
+        elif spec.backward_update == "multiplicative_second_state":  # published: act_b(f·[a0, a·Δ])
+            delta[:, 1:].mul_(a[:, 1:])
+            delta[:, :1].copy_(a[:, :1])
+            states[layer] = act_b(delta.mul_(f))
+        else:  # multiplicative_skip_first_state: state 0 kept
             states[layer] = torch.cat([a[:, :1], act_b(delta[:, 1:].mul_(a[:, 1:]).mul_(f))], dim=1)
 
 

@@ -28,6 +28,8 @@ def act(name, s):
         return _sigmoid(s)
     if name == "elu":
         return np.where(s > 0, s, np.expm1(np.minimum(s, 0)))
+    if name == "relu_tanh":
+        return np.maximum(np.tanh(s), 0.0)
     out = s.copy()
     if name == "sigmoid_backprop":
         out[..., 0] = _sigmoid(s[..., 0])
@@ -114,7 +116,11 @@ def reference_step(spec, g, W, V, x, y):
             a[l] = act(spec.backward_activation, f * a[l] + eta * delta)
         elif spec.backward_update == "multiplicative":
             a[l] = act(spec.backward_activation, f * a[l] * delta)
-        else:
+        elif spec.backward_update == "multiplicative_second_state":
+            new = a[l] * delta
+            new[:, :, 0] = a[l][:, :, 0]
+            a[l] = act(spec.backward_activation, f * new)
+        else:  # multiplicative_skip_first_state
             new = a[l].copy()
             new[:, :, 1:] = act(spec.backward_activation, f * a[l][:, :, 1:] * delta[:, :, 1:])
             a[l] = new

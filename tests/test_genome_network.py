@@ -44,6 +44,8 @@ VARIANTS = {
     "additive_target": {},
     "multiplicative": dict(backward_update="multiplicative", forward_activation="sigmoid"),
     "second_state_mse": dict(backward_update="multiplicative_second_state", feedback="error_mse"),
+    "skip_first_state_relu_tanh": dict(backward_update="multiplicative_skip_first_state", forward_activation="relu_tanh",
+                                       backward_activation="relu_tanh"),
     "cross_entropy_relu": dict(feedback="error_cross_entropy", forward_activation="relu", backward_activation="tanh"),
     "oja_mean": dict(oja=True, batch_reduction="mean"),
     "saturation": dict(saturation=True, saturation_epsilon=0.01),
@@ -107,13 +109,24 @@ def test_oja_shrinks_a_large_weight_whatever_the_rate_sign():
         np.testing.assert_allclose(new.forward[0][0, 0, 0], 3.0 - abs(rate) * 27.0, rtol=1e-6)
 
 
-def test_multiplicative_second_state_passes_state_zero_through():
-    spec = G.NetworkSpec((3, 4, 2), num_states=3, backward_update="multiplicative_second_state")
+def test_multiplicative_skip_first_state_passes_state_zero_through():
+    spec = G.NetworkSpec((3, 4, 2), num_states=3, backward_update="multiplicative_skip_first_state")
     g, syn, x, y = random_case(spec, seed=5, dtype=jnp.float32)
     states_fwd = G.forward(spec, g, syn, x)
     _, states = G.step_states(spec, g, syn, x, y)
     np.testing.assert_array_equal(states[1][0], states_fwd[1][0])
     assert not np.allclose(states[1][1:], states_fwd[1][1:])
+
+
+def test_multiplicative_second_state_is_the_published_code_keep_and_activation_on_every_state():
+    spec = G.NetworkSpec((3, 4, 2), num_states=3, backward_update="multiplicative_second_state",
+                         backward_activation="tanh")
+    g, syn, x, y = random_case(spec, seed=5, dtype=jnp.float32)
+    states_fwd = G.forward(spec, g, syn, x)
+    _, states = G.step_states(spec, g, syn, x, y)
+    # state 0: act_b(f · a0), not a0 (the published code's compute_neuron_state)
+    np.testing.assert_allclose(states[1][0], jnp.tanh(g.neuron_keep * states_fwd[1][0]), rtol=1e-6)
+    assert not np.allclose(states[1][0], states_fwd[1][0])
 
 
 def test_target_feedback_writes_plus_minus_one_into_state_one():

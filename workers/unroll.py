@@ -140,7 +140,7 @@ def unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Ta
     def body(syn, t):
         x = jax.lax.dynamic_index_in_dim(task.support_x, t, keepdims=False)
         y = jax.lax.dynamic_index_in_dim(task.support_y, t, keepdims=False)
-        new = G.step(spec, genome, syn, x, y)
+        new = G.step(spec, genome, syn, x, y, t)
         if stop is not None:
             new = jax.tree.map(lambda n, o: jnp.where(t < stop, n, o), new, syn)
         return new, None
