@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from genome.errors import UserError
-from genome.spec import NetworkSpec, SpecError
+from genome.spec import OFFICIAL_DEFAULTS, NetworkSpec, SpecError
 from workers.engine import EpisodeConfig
 from workers.tasks import TaskConfig
 
@@ -480,10 +480,31 @@ def apply_override(data: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
+PRESETS = ("official",)
+
+
+def _apply_preset(data: dict) -> dict:
+    """``network.preset: official``: the published code's defaults (``genome.spec.OFFICIAL_DEFAULTS``) under
+    the section's own keys, and ``episode.skip_last_update: true`` unless the episode sets it."""
+    network = data.get("network")
+    if not isinstance(network, dict) or "preset" not in network:
+        return data
+    network = dict(network)
+    preset = network.pop("preset")
+    if preset not in PRESETS:
+        raise ConfigError(f"network.preset: must be one of {', '.join(PRESETS)}; got {preset!r}")
+    data = dict(data, network={**OFFICIAL_DEFAULTS, **network})
+    episode = data.get("episode")
+    if episode is None or isinstance(episode, dict):
+        data["episode"] = {"skip_last_update": True, **(episode or {})}
+    return data
+
+
 def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config:
     data = dict(data or {})
     for assignment in overrides:
         apply_override(data, assignment)
+    data = _apply_preset(data)
     config = _build(Config, data, "")
     _validate(config)
     return config

@@ -29,15 +29,28 @@ def genome_summary(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> dic
         "spec": spec.to_dict(),
         "genome": {name: np.asarray(value).tolist() for name, value in genome._asdict().items()},
         "num_dims": G.num_dims(spec),
+        "options": spec.non_default_options(),
+        "official_preset": _official_differences(spec) == {},
         "distance_to_backprop_genome": backprop_distance(spec, genome),
         "metadata": metadata,
     }
+
+
+def _official_differences(spec: G.NetworkSpec) -> dict[str, Any]:
+    """The fields of ``spec`` that differ from :meth:`NetworkSpec.official` of its shape."""
+    official = G.NetworkSpec.official(spec.layer_sizes, spec.num_states)
+    return {k: v for k, v in spec.to_dict().items() if v != official.to_dict()[k]}
 
 
 def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
     lines = [f"network {spec.layer_sizes}, k={spec.num_states} states, genome dims {G.num_dims(spec)}"]
     flags = {k: v for k, v in spec.to_dict().items() if k not in ("layer_sizes", "num_states")}
     lines.append("spec: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
+    options = spec.non_default_options()
+    lines.append("options in use: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "none (all defaults)"))
+    differences = _official_differences(spec)
+    lines.append("published-code defaults (network.preset: official): " + (
+        "yes" if not differences else "no; differs in " + ", ".join(sorted(differences))))
     for name, label in MATRIX_NAMES.items():
         matrix = np.asarray(getattr(genome, name))
         lines.append(f"{label} [{name}] (row = source state, column = destination state):")
@@ -51,6 +64,12 @@ def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
         lines.append(f"Oja multiplier {float(genome.oja):+.4g}")
     if spec.saturation:
         lines.append(f"saturation {float(genome.saturation):+.4g}")
+    if spec.forward_synapse_update:
+        for name in ("forward_pre_transform", "forward_post_transform"):
+            lines.append(f"{name} (forward-pass Hebbian update):")
+            lines += ["   " + "  ".join(f"{v:+8.4f}" for v in row) for row in np.asarray(getattr(genome, name))]
+        lines.append(f"forward f̃ {float(genome.forward_synapse_keep):+.4g}   "
+                     f"forward η̃ {float(genome.forward_synapse_update):+.4g}")
     distance = backprop_distance(spec, genome)
     if distance is not None:
         lines.append(f"distance of the transforms to the backprop genome: {distance:.4f}")

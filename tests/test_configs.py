@@ -50,3 +50,26 @@ def test_curriculum_adds_steps_every_n_generations_up_to_the_cap():
     config = config_from_dict({"episode": {"num_steps": 10},
                                "run": {"curriculum": {"every": 3, "increment": 5, "max_steps": 22}}})
     assert [num_steps_at(config, g) for g in (0, 2, 3, 6, 9, 30)] == [10, 10, 15, 20, 22, 22]
+
+
+def test_official_preset_gives_the_published_defaults_and_yields_to_explicit_keys():
+    config = config_from_dict({"network": {"preset": "official", "hidden_sizes": [8]}})
+    spec = config.network_spec(64, 3)
+    assert (spec.forward_activation, spec.backward_activation, spec.output_activation) == \
+        ("relu_tanh", "relu_tanh", "tanh")
+    assert spec.synapse_normalization_epsilon == 1e-9 and config.episode.skip_last_update is True
+    config = config_from_dict({"network": {"preset": "official", "backward_activation": "tanh"},
+                               "episode": {"num_steps": 5, "skip_last_update": False}})
+    assert config.network.backward_activation == "tanh" and config.episode.skip_last_update is False
+    assert config.network.forward_activation == "relu_tanh" and config.episode.num_steps == 5
+
+
+@pytest.mark.parametrize("network, message", [
+    ({"preset": "paper"}, "network.preset: must be one of official"),
+    ({"supervised_every": 0}, "supervised_every"),
+    ({"forward_synapse_update": True, "use_forward_activations_for_synapse_update": True}, "cannot be combined"),
+    ({"oja_variant": "weights"}, "oja_variant"),
+])
+def test_published_option_errors_name_the_key(network, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"network": network})

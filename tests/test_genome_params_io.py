@@ -12,19 +12,25 @@ from safetensors.numpy import save as save_safetensors
 
 import genome as G
 
-ALL_EXTRAS = G.NetworkSpec((4, 3, 2), num_states=3, activation_norm=True, oja=True, saturation=True)
+from pathlib import Path
+
+ALL_EXTRAS = G.NetworkSpec((4, 3, 2), num_states=3, activation_norm=True, oja=True, saturation=True,
+                           forward_synapse_update=True)
+RELEASE_1_FILE = Path(__file__).parent / "data" / "release1.genome"  # written before file format 2
 
 
 @pytest.mark.parametrize("spec", [G.NetworkSpec((4, 3, 2), num_states=k) for k in (1, 2, 4)] + [ALL_EXTRAS])
 def test_ravel_unravel_round_trip(spec):
     g = G.random_genome(spec, jax.random.key(0))
     g = g._replace(synapse_update=jnp.asarray(-3e-3), oja=jnp.asarray(0.2), saturation=jnp.asarray(0.7),
-                   norm_scale=jnp.full((spec.num_states,), 1.3), norm_shift=jnp.full((spec.num_states,), -0.1))
+                   norm_scale=jnp.full((spec.num_states,), 1.3), norm_shift=jnp.full((spec.num_states,), -0.1),
+                   forward_synapse_keep=jnp.asarray(0.9), forward_synapse_update=jnp.asarray(2e-3))
     vector = G.ravel(spec, g)
     assert vector.shape == (G.num_dims(spec),)
     back = G.unravel(spec, vector)
     for name, value in g._asdict().items():
-        used = name not in ("norm_scale", "norm_shift", "oja", "saturation") or spec == ALL_EXTRAS
+        used = name not in ("norm_scale", "norm_shift", "oja", "saturation", *G.params.FORWARD_SYNAPSE_FIELDS) \
+            or spec == ALL_EXTRAS
         if used:
             np.testing.assert_allclose(getattr(back, name), value, rtol=1e-6, err_msg=name)
     v = jax.random.normal(jax.random.key(1), (G.num_dims(spec),))
@@ -33,7 +39,8 @@ def test_ravel_unravel_round_trip(spec):
 
 def test_vector_dimension_follows_the_spec():
     assert G.num_dims(G.NetworkSpec((4, 2), num_states=2)) == 4 * 4 + 4
-    assert G.num_dims(ALL_EXTRAS) == 4 * 9 + 4 + 2 * 3 + 2
+    assert G.num_dims(ALL_EXTRAS) == 4 * 9 + 4 + 2 * 3 + 2 + (2 * 9 + 2)
+    assert G.num_dims(G.NetworkSpec((4, 2), oja=True, oja_use_multiplier=False)) == 4 * 4 + 4  # no multiplier
     with pytest.raises(ValueError, match="shape"):
         G.unravel(ALL_EXTRAS, jnp.zeros(5))
 
@@ -119,6 +126,28 @@ def test_load_rejects_a_wrong_version_and_bad_spec(tmp_path):
     arrays = {k: np.asarray(v) for k, v in G.neutral_genome(G.NetworkSpec((2, 2), num_states=3))._asdict().items()}
     with pytest.raises(G.GenomeFileError, match="shape"):
         G.load(header_file(tmp_path, good_header(), arrays))
+
+
+def test_a_genome_file_of_the_previous_format_still_loads():
+    spec, g, metadata = G.load(RELEASE_1_FILE)
+    assert spec == G.NetworkSpec((4, 5, 3), num_states=2, oja=True, saturation=True, activation_norm=True)
+    expected = G.random_genome(spec, jax.random.key(5))  # what the file was written from
+    for name, value in expected._asdict().items():
+        np.testing.assert_array_equal(getattr(g, name), value, err_msg=name)  # forward_* at their neutral values
+    assert "format 1" in metadata["note"]
+
+
+def test_genome_files_carry_the_file_format_version(tmp_path):
+    path = G.save(tmp_path / "g.genome", ALL_EXTRAS, G.random_genome(ALL_EXTRAS, jax.random.key(0)))
+    spec, g, _ = G.load(path)
+    assert spec == ALL_EXTRAS and G.io.FILE_FORMAT_VERSION == 2
+    with pytest.raises(G.GenomeFileError, match="file format version 3 is not supported"):
+        G.load(header_file(tmp_path, good_header() | {"file_format_version": "3"}))
+    arrays = {k: np.asarray(v) for k, v in G.neutral_genome(ALL_EXTRAS)._asdict().items()
+              if k != "forward_pre_transform"}
+    header = good_header() | {"file_format_version": "2", "spec": json.dumps(ALL_EXTRAS.to_dict())}
+    with pytest.raises(G.GenomeFileError, match="forward_pre_transform.*missing"):
+        G.load(header_file(tmp_path, header, arrays))  # a format-2 file must have every field
 
 
 def test_spec_rejects_impossible_values():

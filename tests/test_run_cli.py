@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -236,3 +237,18 @@ def test_a_run_whose_evaluator_fails_checkpoints_and_resumes_exactly(tmp_path):
     resumed = Run.resume(tmp_path / "run", local_evaluator)
     resumed.run()
     assert metric_rows(tmp_path / "run") == reference
+
+
+def test_inspect_shows_which_options_a_genome_file_uses(tmp_path, capsys):
+    official = G.NetworkSpec.official((4, 3, 2), supervised_every=2)
+    path = G.save(tmp_path / "o.genome", official, G.random_genome(official, jax.random.key(0)))
+    code, out, _ = run_cli(["inspect", str(path)], capsys)
+    assert code == 0 and "supervised_every=2" in out.split("options in use:")[1].splitlines()[0]
+    assert "published-code defaults (network.preset: official): no; differs in supervised_every" in out
+    code, out, _ = run_cli(["inspect", str(path), "--json"], capsys)
+    info = json.loads(out)
+    assert info["options"]["forward_activation"] == "relu_tanh" and info["official_preset"] is False
+    plain = G.NetworkSpec((4, 3, 2))
+    path = G.save(tmp_path / "p.genome", plain, G.neutral_genome(plain))
+    code, out, _ = run_cli(["inspect", str(path)], capsys)
+    assert "options in use: none (all defaults)" in out

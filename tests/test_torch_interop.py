@@ -29,6 +29,14 @@ EXTRA_VARIANTS = {  # flag combinations the JAX test does not cover, at k = 2 on
     ),
 }
 CASES = [(v, k) for v in sorted(VARIANTS) for k in (1, 2, 4)] + [(v, 2) for v in sorted(EXTRA_VARIANTS)]
+PUBLISHED_VARIANTS = {  # NetworkSpec.official(...) plus the published-code options, at k = 2
+    "official": {},
+    "supervised_every": dict(supervised_every=3),
+    "forward_synapse_update": dict(forward_synapse_update=True, oja=True, oja_use_multiplier=True),
+    "forward_activations": dict(use_forward_activations_for_synapse_update=True, saturation=True),
+    "normalize_at_start": dict(synapse_normalization="start", oja=True, oja_extra_multiplier=0.5),
+    "skip_first_state": dict(backward_update="multiplicative_skip_first_state"),
+}
 
 
 def random_case(spec: G.NetworkSpec, seed: int):
@@ -38,7 +46,7 @@ def random_case(spec: G.NetworkSpec, seed: int):
     g = G.random_genome(spec, genome_key, transform_std=0.5)._replace(
         neuron_keep=jnp.asarray(0.9), synapse_keep=jnp.asarray(0.99), synapse_update=jnp.asarray(-0.01),
         norm_scale=jnp.linspace(0.5, 1.5, k), norm_shift=jnp.linspace(-0.2, 0.3, k),
-        oja=jnp.asarray(0.3), saturation=jnp.asarray(0.7),
+        oja=jnp.asarray(0.3), saturation=jnp.asarray(0.7), forward_synapse_update=jnp.asarray(-0.01),
     )
     synapses = jax.tree.map(lambda w: 3.0 * w, G.init_synapses(spec, synapse_key))
     xs = jax.random.normal(x_key, (NUM_STEPS, 8, spec.num_inputs))
@@ -54,7 +62,7 @@ def assert_steps_match(spec: G.NetworkSpec, seed: int) -> tuple[float, float]:
     jax_step = jax.jit(G.step, static_argnums=0)
     worst = 0.0
     for t in range(NUM_STEPS):
-        synapses = jax_step(spec, g, synapses, xs[t], ys[t])
+        synapses = jax_step(spec, g, synapses, xs[t], ys[t], t)
         mlp.step(tensor_from_jax(xs[t]), tensor_from_jax(ys[t]))
         for ours, ref in zip(mlp.forward + mlp.backward, synapses.forward + synapses.backward):
             ref = np.asarray(ref)
@@ -72,6 +80,13 @@ def test_torch_steps_match_jax_engine(variant, num_states):
     spec = G.NetworkSpec(SIZES, num_states=num_states, **{**VARIANTS, **EXTRA_VARIANTS}[variant])
     worst, moved = assert_steps_match(spec, seed=10 + num_states)
     assert moved > 0.05  # the rule really changed the synapses (>= 5000x the tolerance)
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED_VARIANTS))
+def test_torch_steps_match_jax_engine_with_the_published_options(variant):
+    spec = G.NetworkSpec.official(SIZES, 2, **PUBLISHED_VARIANTS[variant])
+    worst, moved = assert_steps_match(spec, seed=3)
+    assert moved > 0.05
 
 
 @pytest.mark.parametrize("variant", ["additive_target", "second_state_mse", "activation_norm"])

@@ -41,7 +41,7 @@ class EpisodeConfig:
     aggregate, quantile, max_loss: see :class:`Scoring`.
     """
 
-    num_steps: int
+    num_steps: int = 10
     skip_last_update: bool = False
     fitness: str = "cross_entropy"
     aggregate: str = "mean"
