@@ -42,15 +42,9 @@ def _official_differences(spec: G.NetworkSpec) -> dict[str, Any]:
     return {k: v for k, v in spec.to_dict().items() if v != official.to_dict()[k]}
 
 
-def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
-    lines = [f"network {spec.layer_sizes}, k={spec.num_states} states, genome dims {G.num_dims(spec)}"]
-    flags = {k: v for k, v in spec.to_dict().items() if k not in ("layer_sizes", "num_states")}
-    lines.append("spec: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
-    options = spec.non_default_options()
-    lines.append("options in use: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "none (all defaults)"))
-    differences = _official_differences(spec)
-    lines.append("published-code defaults (network.preset: official): " + (
-        "yes" if not differences else "no; differs in " + ", ".join(sorted(differences))))
+def _rule_lines(spec: G.NetworkSpec, genome: G.Genome) -> list[str]:
+    """The transforms and rates of one (layer pair's) genome."""
+    lines = []
     for name, label in MATRIX_NAMES.items():
         matrix = np.asarray(getattr(genome, name))
         lines.append(f"{label} [{name}] (row = source state, column = destination state):")
@@ -70,6 +64,22 @@ def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
             lines += ["   " + "  ".join(f"{v:+8.4f}" for v in row) for row in np.asarray(getattr(genome, name))]
         lines.append(f"forward f̃ {float(genome.forward_synapse_keep):+.4g}   "
                      f"forward η̃ {float(genome.forward_synapse_update):+.4g}")
+    return lines
+
+
+def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
+    lines = [f"network {spec.layer_sizes}, k={spec.num_states} states, genome dims {G.num_dims(spec)}"]
+    flags = {k: v for k, v in spec.to_dict().items() if k not in ("layer_sizes", "num_states")}
+    lines.append("spec: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
+    options = spec.non_default_options()
+    lines.append("options in use: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "none (all defaults)"))
+    differences = _official_differences(spec)
+    lines.append("published-code defaults (network.preset: official): " + (
+        "yes" if not differences else "no; differs in " + ", ".join(sorted(differences))))
+    for layer in range(spec.num_layers if spec.per_layer_genome else 1):
+        if spec.per_layer_genome:
+            lines.append(f"--- genome of layer pair {layer} ({spec.layer_sizes[layer]} -> {spec.layer_sizes[layer + 1]})")
+        lines += _rule_lines(spec, G.layer_genome(spec, genome, layer))
     distance = backprop_distance(spec, genome)
     if distance is not None:
         lines.append(f"distance of the transforms to the backprop genome: {distance:.4f}")
@@ -87,13 +97,17 @@ def plot_genome(spec: G.NetworkSpec, genome: G.Genome, path: Path) -> Path:
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
     for ax, (name, label) in zip(axes, MATRIX_NAMES.items()):
         matrix = np.asarray(getattr(genome, name))
+        if spec.per_layer_genome:  # the layers side by side
+            matrix = np.concatenate(list(matrix), axis=1)
         limit = max(float(np.abs(matrix).max()), 1e-6)
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(label)
         ax.set_xlabel("destination state")
         ax.set_ylabel("source state")
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(f"genome transforms, k={spec.num_states}, η̃={float(genome.synapse_update):.3g}")
+    rates = ", ".join(f"{v:.3g}" for v in np.ravel(np.asarray(genome.synapse_update)))
+    layers = ", layer pairs side by side" if spec.per_layer_genome else ""
+    fig.suptitle(f"genome transforms, k={spec.num_states}{layers}, η̃={rates}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -5,7 +5,7 @@ from genome.errors import UserError
 from genome.io import FORMAT_NAME, GenomeFileError, load, save
 from genome.network import Synapses, activate, backward, feedback, forward, hebbian_update, init_synapses
 from genome.network import predict, step, step_states
-from genome.params import PARAMETERIZATION_VERSION, Genome, neutral_genome, num_dims, random_genome
+from genome.params import PARAMETERIZATION_VERSION, Genome, layer_genome, neutral_genome, num_dims, random_genome
 from genome.params import ravel, unravel
 from genome.spec import NetworkSpec, SpecError
 
@@ -13,6 +13,7 @@ __all__ = [
     "FORMAT_NAME",
     "PARAMETERIZATION_VERSION",
     "Genome",
+    "layer_genome",
     "GenomeFileError",
     "UserError",
     "NetworkSpec",

@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from genome.params import Genome
+from genome.params import Genome, layer_genome
 from genome.spec import NetworkSpec
 
 
@@ -172,12 +172,13 @@ def forward(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array)
     states = [a]
     blocks = _pass_blocks(spec, synapses.forward)
     for layer, w in enumerate(blocks):
-        delta = _forward_product(states[-1], genome.forward_transform, w)
+        g = layer_genome(spec, genome, layer)
+        delta = _forward_product(states[-1], g.forward_transform, w)
         # a^{l+1} = act(f·a^{l+1} + η·Δ) with a^{l+1} = 0 at the start of every step, so f·a^{l+1} = 0.
-        s = genome.neuron_update * delta
+        s = g.neuron_update * delta
         is_output = layer == spec.num_layers - 1
         if spec.activation_norm and not is_output:
-            s = _normalize_activation(spec, genome, s)
+            s = _normalize_activation(spec, g, s)
         states.append(activate(spec.output_activation if is_output else spec.forward_activation, s))
     return states
 
@@ -202,9 +203,10 @@ def backward(spec: NetworkSpec, genome: Genome, synapses: Synapses, states: list
     """Backward pass, l = L-1 .. 1; layer 0 never changes (DESIGN §2 step 3)."""
     states = list(states)
     blocks = _pass_blocks(spec, synapses.backward)
-    f, eta = genome.neuron_keep, genome.neuron_update
     for layer in range(spec.num_layers - 1, 0, -1):
-        mixed = _mix_states(states[layer + 1], genome.backward_transform)  # Σ_d a^{l+1}[b,j,d] µ[d,c]
+        g = layer_genome(spec, genome, layer)
+        f, eta = g.neuron_keep, g.neuron_update
+        mixed = _mix_states(states[layer + 1], g.backward_transform)  # Σ_d a^{l+1}[b,j,d] µ[d,c]
         delta = jnp.matmul(mixed, blocks[layer])  # Σ_j Σ_d a^{l+1}[b,j,d] µ[d,c] V[j,i,c]
         a = states[layer]
         if spec.backward_update == "additive":
@@ -269,17 +271,19 @@ def _update_block(spec: NetworkSpec, genes: SynapticGenes, block: jax.Array, heb
 
 
 def hebbian_update(spec: NetworkSpec, genome: Genome, synapses: Synapses, states: list[jax.Array],
-                   pre_states: list[jax.Array] | None = None, genes: SynapticGenes | None = None) -> Synapses:
+                   pre_states: list[jax.Array] | None = None, genes_of=None) -> Synapses:
     """Update every synapse block from the neuron states (DESIGN §2 step 4).
 
-    Block l pairs ``pre_states[l]`` (default ``states[l]``) with ``states[l + 1]``; ``genes`` default to the
-    backward-pass update's (:func:`backward_genes`)."""
-    genes = backward_genes(genome) if genes is None else genes
+    Block l pairs ``pre_states[l]`` (default ``states[l]``) with ``states[l + 1]``; ``genes_of(genome)``
+    picks the update's parameters from (the layer's) genome: :func:`backward_genes` (default) or
+    :func:`forward_genes`."""
+    genes_of = backward_genes if genes_of is None else genes_of
     pre_states = states if pre_states is None else pre_states
     scale = 1.0 / states[0].shape[1] if spec.batch_reduction == "mean" else 1.0
-    nu_t, mu_t = genes.pre_transform, genes.post_transform
     forward_blocks, backward_blocks = [], []
     for layer in range(spec.num_layers):
+        genes = genes_of(layer_genome(spec, genome, layer))
+        nu_t, mu_t = genes.pre_transform, genes.post_transform
         a_in, a_out = pre_states[layer], states[layer + 1]
         pre_t = _mix_states(_transposed(a_in), nu_t)  # Σ_e a^l[b,i,e] ν̃[e,o], as [o, i, b]
         post = _mix_states(a_out, mu_t.T)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d], as [o, b, j]
@@ -308,7 +312,7 @@ def step_states(
     synapses = normalize_at_start(spec, synapses)
     forward_states = forward(spec, genome, synapses, x)
     if spec.forward_synapse_update:
-        synapses = hebbian_update(spec, genome, synapses, forward_states, genes=forward_genes(genome))
+        synapses = hebbian_update(spec, genome, synapses, forward_states, genes_of=forward_genes)
 
     def supervised(synapses):
         states = list(forward_states)

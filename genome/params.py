@@ -22,6 +22,9 @@ forward_synapse_keep,                genome: the Hebbian update after the forwar
 forward_synapse_update
 ==========================  =======  ==============================================================
 
+With ``spec.per_layer_genome`` every field gets a leading layer axis ``[L, ...]`` and the vector is the L
+per-layer vectors above, layer 0 first (``num_dims`` = L × the single-genome length).
+
 Rates live on very different scales (η̃ ≈ 1e-3, matrices ≈ 1); the ``sinh`` maps give a unit step in ``u``
 a comparable effect everywhere while keeping the sign and zero reachable. ``unravel(spec, ravel(spec, g))``
 returns ``g`` and ``ravel(spec, unravel(spec, v))`` returns ``v``, both to float round-off (the ``sinh`` /
@@ -31,6 +34,8 @@ of the vector and come back at their neutral values.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -75,8 +80,24 @@ FORWARD_SYNAPSE_FIELDS = ("forward_pre_transform", "forward_post_transform", "fo
                           "forward_synapse_update")
 
 
+def _single(spec: NetworkSpec) -> NetworkSpec:
+    """The spec of one layer pair's genome."""
+    return dataclasses.replace(spec, per_layer_genome=False)
+
+
+def layer_genome(spec: NetworkSpec, genome: Genome, layer: int) -> Genome:
+    """The genome that layer pair ``layer`` uses: ``genome`` itself, or its slice ``layer`` when
+    ``spec.per_layer_genome``."""
+    if not spec.per_layer_genome:
+        return genome
+    return jax.tree.map(lambda a: a[layer], genome)
+
+
 def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
     """The paper's default scalars with identity matrices; a base for hand-built genomes."""
+    if spec.per_layer_genome:
+        single = neutral_genome(_single(spec), dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.num_layers,) + a.shape), single)
     k = spec.num_states
     eye = jnp.eye(k, dtype=dtype)
     one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
@@ -102,7 +123,12 @@ def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
 
 def random_genome(spec: NetworkSpec, key: jax.Array, transform_std: float = 1.0, dtype=jnp.float32) -> Genome:
     """A random genome with the paper's defaults: the four k×k transforms ~ N(0, transform_std²),
-    ``f = η = f̃ = 1``, ``η̃ = -1e-3``, norm multiplier 1 / shift 0, Oja multiplier 1, saturation 1."""
+    ``f = η = f̃ = 1``, ``η̃ = -1e-3``, norm multiplier 1 / shift 0, Oja multiplier 1, saturation 1.
+    Per-layer genomes draw layer l from ``fold_in(key, l)``."""
+    if spec.per_layer_genome:
+        layers = [random_genome(_single(spec), jax.random.fold_in(key, layer), transform_std, dtype)
+                  for layer in range(spec.num_layers)]
+        return jax.tree.map(lambda *a: jnp.stack(a), *layers)
     keys = jax.random.split(key, len(_MATRICES))
     k = spec.num_states
     matrices = {
@@ -117,6 +143,8 @@ def random_genome(spec: NetworkSpec, key: jax.Array, transform_std: float = 1.0,
 
 def num_dims(spec: NetworkSpec) -> int:
     """Length of the flat genome vector for ``spec``."""
+    if spec.per_layer_genome:
+        return spec.num_layers * num_dims(_single(spec))
     k = spec.num_states
     dims = 4 * k * k + 4
     dims += 2 * k if spec.activation_norm else 0
@@ -128,6 +156,9 @@ def num_dims(spec: NetworkSpec) -> int:
 
 def ravel(spec: NetworkSpec, genome: Genome) -> jax.Array:
     """The flat, ES-scaled vector of ``genome`` (see the module docstring for the parameterization)."""
+    if spec.per_layer_genome:
+        single = _single(spec)
+        return jnp.concatenate([ravel(single, layer_genome(spec, genome, layer)) for layer in range(spec.num_layers)])
     parts = [jnp.ravel(getattr(genome, name)) for name in _MATRICES]
     parts += [jnp.reshape(getattr(genome, name), (1,)) for name in _SCALARS]
     parts.append(jnp.reshape(jnp.arcsinh(genome.synapse_update / _SYNAPSE_UPDATE_SCALE), (1,)))
@@ -149,6 +180,9 @@ def unravel(spec: NetworkSpec, vector: jax.Array) -> Genome:
     vector = jnp.asarray(vector)
     if vector.shape != (num_dims(spec),):
         raise ValueError(f"genome vector must have shape ({num_dims(spec)},) for this spec, got {vector.shape}")
+    if spec.per_layer_genome:
+        single = _single(spec)
+        return jax.vmap(functools.partial(unravel, single))(jnp.reshape(vector, (spec.num_layers, -1)))
     k = spec.num_states
     fields = dict(neutral_genome(spec, vector.dtype)._asdict())
     offset = 0

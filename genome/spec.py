@@ -60,6 +60,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "supervised_every": 1,
     "forward_synapse_update": False,
     "use_forward_activations_for_synapse_update": False,
+    "per_layer_genome": False,
 }
 
 MAX_LAYER_WIDTH = 1 << 20  # neurons in one layer
@@ -114,6 +115,9 @@ class NetworkSpec:
       use_forward_activations_for_synapse_update: the pre-synaptic side (layer l of block l) of the
         backward-pass Hebbian update uses the forward-pass states, the post-synaptic side the states after
         the backward pass (the published flag of the same name).
+      per_layer_genome: one genome per layer pair: every genome field gets a leading axis of length
+        ``num_layers`` and pair l (its forward step, the backward step into layer l, its Hebbian updates)
+        uses slice l (the published ``per_layer_genome``); the flat vector is the per-layer vectors in order.
     """
 
     layer_sizes: tuple[int, ...]
@@ -140,6 +144,7 @@ class NetworkSpec:
     supervised_every: int = 1
     forward_synapse_update: bool = False
     use_forward_activations_for_synapse_update: bool = False
+    per_layer_genome: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_sizes", tuple(int(n) for n in self.layer_sizes))
@@ -164,7 +169,8 @@ class NetworkSpec:
         _check_choice("batch_reduction", self.batch_reduction, BATCH_REDUCTIONS)
         _check_choice("oja_variant", self.oja_variant, OJA_VARIANTS)
         for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation",
-                     "oja_use_multiplier", "forward_synapse_update", "use_forward_activations_for_synapse_update"):
+                     "oja_use_multiplier", "forward_synapse_update", "use_forward_activations_for_synapse_update",
+                     "per_layer_genome"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.supervised_every, bool) or not isinstance(self.supervised_every, int) \

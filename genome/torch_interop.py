@@ -329,24 +329,31 @@ class MultiStateMLP:
             self.forward[:] = [_column_normalize(w, eps) for w in self.forward]
             self.backward[:] = [_column_normalize(v, eps) for v in self.backward]
 
-    def _normalize_activation(self, s: torch.Tensor) -> torch.Tensor:
+    def _layer(self, layer: int) -> TorchGenome:
+        """The genome of layer pair ``layer`` (its slice under ``spec.per_layer_genome``)."""
+        if not self.spec.per_layer_genome:
+            return self.genome
+        return TorchGenome(*(t[layer] for t in self.genome))
+
+    def _normalize_activation(self, s: torch.Tensor, g: TorchGenome) -> torch.Tensor:
         mean = torch.mean(s, dim=1, keepdim=True)
         var = torch.var(s, dim=1, keepdim=True, unbiased=False)
         normalized = (s - mean) * torch.rsqrt(var + self.spec.norm_epsilon)
-        return self.genome.norm_scale[:, None, None] * normalized + self.genome.norm_shift[:, None, None]
+        return g.norm_scale[:, None, None] * normalized + g.norm_shift[:, None, None]
 
     def _forward_states(self, x: torch.Tensor) -> list[torch.Tensor]:
         """DESIGN §2 step 1, from all-zero neurons; the input goes to state 0 of layer 0."""
-        spec, g = self.spec, self.genome
+        spec = self.spec
         a = x.new_zeros((spec.num_states,) + tuple(x.shape))
         a[0] = x
         states = [a]
         for layer, w in enumerate(self._pass_blocks(self.forward)):
+            g = self._layer(layer)
             delta = torch.bmm(_mix(_with_bias(states[-1]), g.forward_transform), w)  # Σ_i Σ_d ā ν W
             s = g.neuron_update * delta  # f·a^{l+1} = 0: neurons start every step at 0
             is_output = layer == spec.num_layers - 1
             if spec.activation_norm and not is_output:
-                s = self._normalize_activation(s)
+                s = self._normalize_activation(s, g)
             states.append(activate(spec.output_activation if is_output else spec.forward_activation, s))
         return states
 
@@ -368,11 +375,13 @@ class MultiStateMLP:
 
     def _backward_states(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         """DESIGN §2 step 3, l = L-1 .. 1; layer 0 never changes."""
-        spec, g = self.spec, self.genome
+        spec = self.spec
         states = list(states)
         blocks = self._pass_blocks(self.backward)
-        f, eta, act_b = g.neuron_keep, g.neuron_update, spec.backward_activation
+        act_b = spec.backward_activation
         for layer in range(spec.num_layers - 1, 0, -1):
+            g = self._layer(layer)
+            f, eta = g.neuron_keep, g.neuron_update
             delta = torch.bmm(_mix(states[layer + 1], g.backward_transform), blocks[layer])  # Σ_j Σ_d a µ V
             a = states[layer]
             if spec.backward_update == "additive":
@@ -386,11 +395,12 @@ class MultiStateMLP:
             states[layer] = a
         return states
 
-    def _update_block(self, genes: tuple, block: torch.Tensor, hebb: torch.Tensor, post: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+    def _update_block(self, g: TorchGenome, genes: tuple, block: torch.Tensor, hebb: torch.Tensor,
+                      post: torch.Tensor, scale: float) -> torch.Tensor:
         """DESIGN §2 step 4 for one block (source axis 1): Oja, saturation, normalization, state tie.
-        ``genes``: (ν̃, µ̃, f̃, η̃) of the update; ``post``: the destination's mixed states ``[o, b, j]``."""
-        spec, g = self.spec, self.genome
+        ``g``: the layer's genome; ``genes``: (ν̃, µ̃, f̃, η̃) of the update; ``post``: the destination's mixed
+        states ``[o, b, j]``."""
+        spec = self.spec
         _, _, keep, update = genes
         if spec.oja:  # -sign(η̃)·extra·[|m|]·W·S
             if spec.oja_variant == "synapse_weights":
@@ -413,25 +423,27 @@ class MultiStateMLP:
 
     def _hebbian_update(self, states: list[torch.Tensor], pre_states: list[torch.Tensor] | None = None,
                         forward_pass: bool = False) -> None:
-        spec, g = self.spec, self.genome
-        genes = ((g.forward_pre_transform, g.forward_post_transform, g.forward_synapse_keep, g.forward_synapse_update)
-                 if forward_pass else (g.pre_transform, g.post_transform, g.synapse_keep, g.synapse_update))
-        nu_t, mu_t = genes[0], genes[1]
+        spec = self.spec
         pre_states = states if pre_states is None else pre_states
         scale = 1.0 / states[0].shape[1] if spec.batch_reduction == "mean" else 1.0
         forward, backward = [], []
         for layer in range(spec.num_layers):
+            g = self._layer(layer)
+            genes = ((g.forward_pre_transform, g.forward_post_transform, g.forward_synapse_keep,
+                      g.forward_synapse_update) if forward_pass
+                     else (g.pre_transform, g.post_transform, g.synapse_keep, g.synapse_update))
+            nu_t, mu_t = genes[0], genes[1]
             a_in, a_out = pre_states[layer], states[layer + 1]
             pre = _mix(_with_bias(a_in), nu_t)  # Σ_e ā^l[b,i,e] ν̃[e,o]
             post = torch.einsum("od,dbj->obj", mu_t, a_out)  # Σ_d µ̃[o,d] a^{l+1}[b,j,d]
-            w = self._update_block(genes, self.forward[layer], scale * torch.bmm(pre.transpose(1, 2), post), post,
+            w = self._update_block(g, genes, self.forward[layer], scale * torch.bmm(pre.transpose(1, 2), post), post,
                                    scale)
             if spec.symmetric_in_out:
                 v = _tied_backward(w)
             else:
                 pre_b = _mix(a_out, nu_t)
                 post_b = torch.einsum("od,dbi->obi", mu_t, a_in)
-                v = self._update_block(genes, self.backward[layer], scale * torch.bmm(pre_b.transpose(1, 2), post_b),
+                v = self._update_block(g, genes, self.backward[layer], scale * torch.bmm(pre_b.transpose(1, 2), post_b),
                                        post_b, scale)
             forward.append(w)
             backward.append(v)

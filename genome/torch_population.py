@@ -53,7 +53,8 @@ def check_torch_support(spec: G.NetworkSpec) -> None:
     """The bench's PyTorch step covers the plain rule: elementwise activations, no symmetric flags,
     normalization, Oja or saturation."""
     unsupported = [name for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation",
-                                     "forward_synapse_update", "use_forward_activations_for_synapse_update")
+                                     "forward_synapse_update", "use_forward_activations_for_synapse_update",
+                                     "per_layer_genome")
                    if getattr(spec, name)]
     if spec.supervised_every != 1:
         unsupported.append("supervised_every")

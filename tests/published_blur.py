@@ -116,10 +116,15 @@ def synapse_update(pre, post, synapse, genes, options):
 
 
 def network_step(layers_shape, synapses, genome, x, target, options, step):
-    """blur.network_step with zero_out_neurons. ``target``: ±1 one-hot ``[B, n_out]``. Returns
-    (synapses, layers)."""
+    """blur.network_step with zero_out_neurons. ``target``: ±1 one-hot ``[B, n_out]``; ``genome``: one genome
+    dict, or a list of them, one per layer pair (``per_layer_genome``: ``genome_util.get_genome(g, i)``).
+    Returns (synapses, layers)."""
     sizes = [n for n in layers_shape]
-    k = genome["neuron"]["transform"].shape[0] // 2
+
+    def get_genome(i):
+        return genome[i] if isinstance(genome, list) else genome
+
+    k = get_genome(0)["neuron"]["transform"].shape[0] // 2
     batch = x.shape[0]
     synapses = [s.copy() for s in synapses]
     eps = options.get("normalization_eps", 1e-9)
@@ -134,16 +139,17 @@ def network_step(layers_shape, synapses, genome, x, target, options, step):
         block = s[: n_in + 1, n_in + 1 :] if forward else s[n_in + 1 :, :n_in]
         return normalize(block, eps) if options.get("normalize_in_activations") else block
 
-    neuron = genome["neuron"]
-    nu, mu = neuron["transform"][:k, k:], neuron["transform"][k:, :k]
     num_layers = len(sizes) - 1
     for i in range(num_layers):  # forward: update_network_neurons(backward=False)
+        neuron = get_genome(i)["neuron"]
+        nu = neuron["transform"][:k, k:]
         act = options["last_layer_activation"] if i + 1 == num_layers else options["forward_activation"]
         update = np.einsum("bik,kl,ijl->bjl", concat_row(layers[i], 1.0), nu, sub(synapses[i], sizes[i], True))
         layers[i + 1] = compute_neuron_state(layers[i + 1], update, neuron["keep"], neuron["update"], act, "additive")
     if options.get("forward_synapse_update"):
         for i in range(num_layers):
-            synapses[i] = synapse_update(layers[i], layers[i + 1], synapses[i], genome["forward_synapse"], options)
+            synapses[i] = synapse_update(layers[i], layers[i + 1], synapses[i], get_genome(i)["forward_synapse"],
+                                         options)
     forward_layers = [a.copy() for a in layers]
     supervised_every = options.get("supervised_every")
     if supervised_every is not None and step % supervised_every != 0:
@@ -154,6 +160,8 @@ def network_step(layers_shape, synapses, genome, x, target, options, step):
     else:
         layers[-1] = np.concatenate([last[..., 0:1], target[..., None], np.zeros_like(last[..., 2:])], axis=-1)
     for i in reversed(range(num_layers)):  # backward: layer 0 is not updatable
+        neuron = get_genome(i)["neuron"]
+        mu = neuron["transform"][k:, :k]
         update = np.einsum("bjk,kl,jil->bil", layers[i + 1], mu, sub(synapses[i], sizes[i], False))
         new = compute_neuron_state(layers[i], update, neuron["keep"], neuron["update"],
                                    options["backward_activation"], options["backward_update"])
@@ -161,5 +169,5 @@ def network_step(layers_shape, synapses, genome, x, target, options, step):
             layers[i] = new
     pre_layers = forward_layers if options.get("use_forward_activations_for_synapse_update") else layers
     for i in reversed(range(num_layers)):
-        synapses[i] = synapse_update(pre_layers[i], layers[i + 1], synapses[i], genome["synapse"], options)
+        synapses[i] = synapse_update(pre_layers[i], layers[i + 1], synapses[i], get_genome(i)["synapse"], options)
     return synapses, layers

@@ -128,6 +128,29 @@ def test_load_rejects_a_wrong_version_and_bad_spec(tmp_path):
         G.load(header_file(tmp_path, good_header(), arrays))
 
 
+def test_per_layer_genomes_stack_one_genome_per_layer_pair(tmp_path):
+    spec = G.NetworkSpec((4, 3, 3, 2), num_states=2, per_layer_genome=True, oja=True)
+    single = spec.replace(per_layer_genome=False)
+    assert G.num_dims(spec) == 3 * G.num_dims(single)
+    g = G.random_genome(spec, jax.random.key(0))
+    assert g.forward_transform.shape == (3, 2, 2) and g.synapse_update.shape == (3,)
+    vector = G.ravel(spec, g)
+    for layer in range(3):  # layer-major: slice l of the vector is layer l's own genome vector
+        d = G.num_dims(single)
+        np.testing.assert_allclose(vector[layer * d:(layer + 1) * d], G.ravel(single, G.layer_genome(spec, g, layer)))
+    back = G.unravel(spec, vector)
+    for name, value in g._asdict().items():
+        np.testing.assert_allclose(getattr(back, name), value, rtol=1e-6, err_msg=name)
+    assert not np.allclose(g.forward_transform[0], g.forward_transform[1])
+    path = G.save(tmp_path / "layers.genome", spec, g)
+    assert G.load(path)[0] == spec
+    # a file of another depth does not fit a deeper network's genome
+    arrays = {k: np.asarray(v) for k, v in G.neutral_genome(spec.replace(layer_sizes=(4, 3, 2)))._asdict().items()}
+    with pytest.raises(G.GenomeFileError, match="shape"):
+        G.load(header_file(tmp_path, good_header() | {"file_format_version": "2",
+                                                      "spec": json.dumps(spec.to_dict())}, arrays))
+
+
 def test_a_genome_file_of_the_previous_format_still_loads():
     spec, g, metadata = G.load(RELEASE_1_FILE)
     assert spec == G.NetworkSpec((4, 5, 3), num_states=2, oja=True, saturation=True, activation_norm=True)

@@ -49,13 +49,11 @@ def published_options(spec: G.NetworkSpec) -> dict:
     return options
 
 
-def random_case(spec: G.NetworkSpec, seed: int):
-    """A random genome (ours and the published genome dicts holding the same numbers) and random published
-    synapse tensors (diagonal blocks and the backward bias column random too)."""
-    rng = np.random.default_rng(seed)
+def random_genomes(spec: G.NetworkSpec, rng):
+    """One random genome of a single layer pair: ours and the published genome dict, the same numbers."""
     k = spec.num_states
     matrix = lambda: rng.normal(0.0, 0.7, (k, k))  # noqa: E731
-    g = G.neutral_genome(spec, jnp.float64)._replace(
+    g = G.neutral_genome(spec.replace(per_layer_genome=False), jnp.float64)._replace(
         forward_transform=jnp.asarray(matrix()), backward_transform=jnp.asarray(matrix()),
         pre_transform=jnp.asarray(matrix()), post_transform=jnp.asarray(matrix()),
         neuron_keep=jnp.asarray(rng.uniform(0.6, 1.2)), neuron_update=jnp.asarray(rng.uniform(0.6, 1.2)),
@@ -76,6 +74,20 @@ def random_case(spec: G.NetworkSpec, seed: int):
 
     published = {"neuron": {"transform": transform, "keep": float(g.neuron_keep), "update": float(g.neuron_update)},
                  "synapse": genes(""), "forward_synapse": genes("forward_")}
+    return g, published
+
+
+def random_case(spec: G.NetworkSpec, seed: int):
+    """A random genome (per layer pair with ``spec.per_layer_genome``) and random published synapse tensors
+    (diagonal blocks and the backward bias column random too)."""
+    rng = np.random.default_rng(seed)
+    k = spec.num_states
+    if spec.per_layer_genome:
+        layers = [random_genomes(spec, rng) for _ in range(spec.num_layers)]
+        g = jax.tree.map(lambda *a: jnp.stack(a), *[ours for ours, _ in layers])
+        published = [theirs for _, theirs in layers]
+    else:
+        g, published = random_genomes(spec, rng)
     sizes = spec.layer_sizes
     synapses = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
@@ -148,9 +160,10 @@ OPTIONS = {
     "normalize_at_start": dict(synapse_normalization="start"),
     "normalize_in_activations": dict(synapse_normalization="activations", synapse_normalization_epsilon=1e-9),
     "saturation": dict(saturation=True, saturation_epsilon=0.05),
-    "combined_a": dict(supervised_every=2, forward_synapse_update=True, oja=True, synapse_normalization="start",
+    "per_layer_genome": dict(per_layer_genome=True),
+    "combined_a": dict(per_layer_genome=True, supervised_every=2, forward_synapse_update=True, oja=True, synapse_normalization="start",
                        backward_update="multiplicative_second_state"),
-    "combined_b": dict(use_forward_activations_for_synapse_update=True, saturation=True, saturation_epsilon=0.01,
+    "combined_b": dict(per_layer_genome=True, use_forward_activations_for_synapse_update=True, saturation=True, saturation_epsilon=0.01,
                        synapse_normalization="activations", synapse_normalization_epsilon=1e-9,
                        backward_update="multiplicative"),
 }
@@ -170,7 +183,7 @@ def test_backward_modes_and_symmetric_flags_match_the_published_step(mode, symme
 @pytest.mark.parametrize("num_states", [1, 2, 4])
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_every_published_option_matches_the_published_step(option, num_states):
-    spec = G.NetworkSpec.official(THREE_PAIRS if option.startswith("combined") else TWO_PAIRS, num_states,
+    spec = G.NetworkSpec.official(THREE_PAIRS if option.startswith(("combined", "per_layer")) else TWO_PAIRS, num_states,
                                   **OPTIONS[option])
     assert run_both(spec, seed=num_states) < 1e-10
 

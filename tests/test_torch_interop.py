@@ -36,6 +36,7 @@ PUBLISHED_VARIANTS = {  # NetworkSpec.official(...) plus the published-code opti
     "forward_activations": dict(use_forward_activations_for_synapse_update=True, saturation=True),
     "normalize_at_start": dict(synapse_normalization="start", oja=True, oja_extra_multiplier=0.5),
     "skip_first_state": dict(backward_update="multiplicative_skip_first_state"),
+    "per_layer_genome": dict(per_layer_genome=True, forward_synapse_update=True, activation_norm=True),
 }
 
 
@@ -48,6 +49,7 @@ def random_case(spec: G.NetworkSpec, seed: int):
         norm_scale=jnp.linspace(0.5, 1.5, k), norm_shift=jnp.linspace(-0.2, 0.3, k),
         oja=jnp.asarray(0.3), saturation=jnp.asarray(0.7), forward_synapse_update=jnp.asarray(-0.01),
     )
+    g = jax.tree.map(lambda v, ref: jnp.broadcast_to(v, ref.shape), g, G.neutral_genome(spec))  # per-layer shapes
     synapses = jax.tree.map(lambda w: 3.0 * w, G.init_synapses(spec, synapse_key))
     xs = jax.random.normal(x_key, (NUM_STEPS, 8, spec.num_inputs))
     ys = jax.random.randint(y_key, (NUM_STEPS, 8), 0, spec.num_outputs)
