@@ -118,7 +118,7 @@ def meta_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys:
     ``vector.dtype`` (float64 under ``jax.enable_x64`` for finite differences). Equals the mean of
     ``engine.episode(...).cross_entropy``.
     """
-    synapses = init_unroll(spec, synapse_keys, dtype=vector.dtype).synapses
+    synapses = init_unroll(spec, synapse_keys, dtype=vector.dtype, batch_size=tasks.support_x.shape[2]).synapses
     return window_loss(spec, vector, tasks, synapses, 0, num_updates(horizon), None, remat)[0]
 
 
@@ -144,10 +144,10 @@ def window_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G
 
 
 def init_state(spec: G.NetworkSpec, synapse_keys: jax.Array, estimator: EstimatorConfig,
-               dtype=jnp.float32) -> UnrollState:
+               dtype=jnp.float32, batch_size: int | None = None) -> UnrollState:
     """The state at the start of an unroll: fresh synapses per task (shared by all PES perturbations)."""
     pairs = estimator.pes_pairs if estimator.name == "pes" else 0
-    return init_unroll(spec, synapse_keys, 2 * pairs, dtype, perturbations=pairs)
+    return init_unroll(spec, synapse_keys, 2 * pairs, dtype, perturbations=pairs, batch_size=batch_size)
 
 
 def done(state: UnrollState, horizon: Horizon) -> bool:
@@ -314,6 +314,6 @@ def estimator_memory(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synaps
                      horizon: Horizon, estimator: EstimatorConfig,
                      compiler_options: dict | None = None) -> dict[str, int]:
     """:func:`compiled_memory` of :func:`estimate` for this (spec, tasks shape, episode, estimator)."""
-    state = init_state(spec, synapse_keys, estimator, vector.dtype)
+    state = init_state(spec, synapse_keys, estimator, vector.dtype, tasks.support_x.shape[2])
     return compiled_memory(estimate, spec, vector, tasks, state, jax.random.key(0), horizon=horizon,
                            estimator=estimator, compiler_options=compiler_options)

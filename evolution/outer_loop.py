@@ -172,7 +172,8 @@ def run_outer_loop(key: jax.Array, spec: G.NetworkSpec, vector, sample_fn: Sampl
         if state is None or num_steps != current_steps or GR.done(state, step_horizon):
             task_key = jax.random.fold_in(task_root, unroll_index)
             tasks = sample_fn(task_key, config.tasks_per_step, num_steps)
-            state = GR.init_state(spec, synapse_keys(task_key, config.tasks_per_step), config.estimator)
+            state = GR.init_state(spec, synapse_keys(task_key, config.tasks_per_step), config.estimator,
+                                  batch_size=tasks.support_x.shape[2])
             unroll_index, current_steps = unroll_index + 1, num_steps
         cache_key = (num_steps, jax.tree.map(lambda a: (a.shape, a.dtype), tasks))
         noise_key = jax.random.fold_in(noise_root, step)

@@ -319,7 +319,8 @@ class Run:
         from workers.evaluator import synapse_keys
 
         keys = synapse_keys(jax.random.key(0), self.config.run.tasks_per_generation)
-        return jax.eval_shape(init_window_synapses, self.spec, keys, self.config.strategy.population_size)
+        return jax.eval_shape(lambda k: init_window_synapses(self.spec, k, self.config.strategy.population_size,
+                                                             self.config.task.batch_size), keys)
 
     def _inner_from_arrays(self, extra: dict[str, np.ndarray]) -> G.Synapses | None:
         """The carried synapses of a truncation-aware run from checkpoint arrays (shapes checked)."""

@@ -31,10 +31,13 @@ from genome.spec import NetworkSpec
 
 
 class Synapses(NamedTuple):
-    """Synapse states of one network: a forward and a backward block per layer (see module docstring)."""
+    """The inner state of one network: a forward and a backward block per layer (see module docstring), and,
+    with ``spec.zero_out_neurons = False``, the neuron states ``[k, B, n_l]`` of every layer after the last
+    step (empty otherwise)."""
 
     forward: tuple[jax.Array, ...]
     backward: tuple[jax.Array, ...]
+    neurons: tuple[jax.Array, ...] = ()
 
 
 def _tie_states(block: jax.Array) -> jax.Array:
@@ -46,9 +49,15 @@ def _tied_backward(forward_block: jax.Array) -> jax.Array:
     return jnp.swapaxes(forward_block[:, :-1, :], 1, 2)
 
 
-def init_synapses(spec: NetworkSpec, key: jax.Array, dtype=jnp.float32) -> Synapses:
-    """Fresh synapses ~ N(0, spec.synapse_init_std²), honouring the symmetric flags."""
+def init_synapses(spec: NetworkSpec, key: jax.Array, dtype=jnp.float32, batch_size: int | None = None) -> Synapses:
+    """Fresh synapses ~ N(0, spec.synapse_init_std²), honouring the symmetric flags; with
+    ``spec.zero_out_neurons = False`` also all-zero neurons for batches of ``batch_size`` (required then)."""
     k = spec.num_states
+    neurons = ()
+    if not spec.zero_out_neurons:
+        if batch_size is None:
+            raise ValueError("zero_out_neurons = False carries neuron states: init_synapses needs the batch_size")
+        neurons = tuple(jnp.zeros((k, int(batch_size), n), dtype) for n in spec.layer_sizes)
     forward, backward = [], []
     for layer, (n_in, n_out) in enumerate(zip(spec.layer_sizes[:-1], spec.layer_sizes[1:])):
         forward_key, backward_key = jax.random.split(jax.random.fold_in(key, layer))
@@ -60,7 +69,7 @@ def init_synapses(spec: NetworkSpec, key: jax.Array, dtype=jnp.float32) -> Synap
             v = _tied_backward(w)
         forward.append(w)
         backward.append(v)
-    return Synapses(tuple(forward), tuple(backward))
+    return Synapses(tuple(forward), tuple(backward), neurons)
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -141,7 +150,7 @@ def normalize_at_start(spec: NetworkSpec, synapses: Synapses) -> Synapses:
         return synapses
     eps = spec.synapse_normalization_epsilon
     return Synapses(tuple(_column_normalize(w, eps) for w in synapses.forward),
-                    tuple(_column_normalize(v, eps) for v in synapses.backward))
+                    tuple(_column_normalize(v, eps) for v in synapses.backward), synapses.neurons)
 
 
 def _normalize_activation(spec: NetworkSpec, genome: Genome, s: jax.Array) -> jax.Array:
@@ -165,7 +174,8 @@ def _forward_product(a: jax.Array, nu: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def forward(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> list[jax.Array]:
-    """Forward pass from all-zero neurons (DESIGN §2 step 1). Returns the neuron states of every layer."""
+    """Forward pass (DESIGN §2 step 1) from all-zero neurons, or from ``synapses.neurons`` where they are
+    carried (``zero_out_neurons = False``). Returns the neuron states of every layer."""
     k = spec.num_states
     x = jnp.asarray(x, synapses.forward[0].dtype)
     a = jnp.zeros((k,) + x.shape, x.dtype).at[0].set(x)  # the input goes to state 0 of layer 0
@@ -174,8 +184,10 @@ def forward(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array)
     for layer, w in enumerate(blocks):
         g = layer_genome(spec, genome, layer)
         delta = _forward_product(states[-1], g.forward_transform, w)
-        # a^{l+1} = act(f·a^{l+1} + η·Δ) with a^{l+1} = 0 at the start of every step, so f·a^{l+1} = 0.
+        # a^{l+1} = act(f·a^{l+1} + η·Δ); with a^{l+1} = 0 at the start of every step f·a^{l+1} = 0.
         s = g.neuron_update * delta
+        if synapses.neurons:
+            s = g.neuron_keep * synapses.neurons[layer + 1].astype(s.dtype) + s
         is_output = layer == spec.num_layers - 1
         if spec.activation_norm and not is_output:
             s = _normalize_activation(spec, g, s)
@@ -301,7 +313,7 @@ def hebbian_update(spec: NetworkSpec, genome: Genome, synapses: Synapses, states
             v = _update_block(spec, genes, synapses.backward[layer], h_backward, post_b, scale)
         forward_blocks.append(w)
         backward_blocks.append(v)
-    return Synapses(tuple(forward_blocks), tuple(backward_blocks))
+    return Synapses(tuple(forward_blocks), tuple(backward_blocks), synapses.neurons)
 
 
 def step_states(
@@ -314,17 +326,20 @@ def step_states(
     if spec.forward_synapse_update:
         synapses = hebbian_update(spec, genome, synapses, forward_states, genes_of=forward_genes)
 
+    def carry(synapses, states):  # zero_out_neurons = False: the neurons persist into the next step
+        return (synapses if spec.zero_out_neurons else synapses._replace(neurons=tuple(states))), states
+
     def supervised(synapses):
         states = list(forward_states)
         states[-1] = feedback(spec, states[-1], y)
         states = backward(spec, genome, synapses, states)
         pre = forward_states if spec.use_forward_activations_for_synapse_update else None
-        return hebbian_update(spec, genome, synapses, states, pre), states
+        return carry(hebbian_update(spec, genome, synapses, states, pre), states)
 
     if spec.supervised_every == 1:
         return supervised(synapses)
     return jax.lax.cond(jnp.asarray(t) % spec.supervised_every == 0, supervised,
-                        lambda synapses: (synapses, list(forward_states)), synapses)
+                        lambda synapses: carry(synapses, list(forward_states)), synapses)
 
 
 def step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array, t=0) -> Synapses:
@@ -339,5 +354,5 @@ def step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y:
 
 def predict(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> jax.Array:
     """State 0 of the last layer after a forward pass: ``[B, n_out]`` (from synapses normalized first under
-    ``synapse_normalization: start``, as the published query step does)."""
-    return forward(spec, genome, normalize_at_start(spec, synapses), x)[-1][0]
+    ``synapse_normalization: start``, as the published query step does; always from zero neurons)."""
+    return forward(spec, genome, normalize_at_start(spec, synapses)._replace(neurons=()), x)[-1][0]

@@ -61,6 +61,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "forward_synapse_update": False,
     "use_forward_activations_for_synapse_update": False,
     "per_layer_genome": False,
+    "zero_out_neurons": True,
 }
 
 MAX_LAYER_WIDTH = 1 << 20  # neurons in one layer
@@ -118,6 +119,11 @@ class NetworkSpec:
       per_layer_genome: one genome per layer pair: every genome field gets a leading axis of length
         ``num_layers`` and pair l (its forward step, the backward step into layer l, its Hebbian updates)
         uses slice l (the published ``per_layer_genome``); the flat vector is the per-layer vectors in order.
+      zero_out_neurons: every step starts from all-zero neurons (true, the published default); false: the
+        neuron states persist from step to step (``Synapses.neurons``, carried by the unroll like the
+        synapses), so the forward pass computes ``act(f·a_prev + η·Δ)``; layer 0 still gets the input in
+        state 0 and zeros elsewhere. The query read-out (:func:`genome.predict`) always starts from zero
+        neurons.
     """
 
     layer_sizes: tuple[int, ...]
@@ -145,6 +151,7 @@ class NetworkSpec:
     forward_synapse_update: bool = False
     use_forward_activations_for_synapse_update: bool = False
     per_layer_genome: bool = False
+    zero_out_neurons: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_sizes", tuple(int(n) for n in self.layer_sizes))
@@ -170,7 +177,7 @@ class NetworkSpec:
         _check_choice("oja_variant", self.oja_variant, OJA_VARIANTS)
         for name in ("symmetric_in_out", "symmetric_states", "activation_norm", "oja", "saturation",
                      "oja_use_multiplier", "forward_synapse_update", "use_forward_activations_for_synapse_update",
-                     "per_layer_genome"):
+                     "per_layer_genome", "zero_out_neurons"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.supervised_every, bool) or not isinstance(self.supervised_every, int) \

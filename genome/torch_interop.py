@@ -205,6 +205,7 @@ class MultiStateMLP:
         self.backward = [v.detach().to(device=first.device, dtype=first.dtype) for v in backward]
         self.genome = genome_to_torch(genome, first.device, first.dtype)
         self.step_index = 0  # inner steps taken (``spec.supervised_every`` reads it)
+        self.neurons: list[torch.Tensor] = []  # the carried neuron states (``spec.zero_out_neurons = False``)
 
     # ------------------------------------------------------------------------------------------ builders
 
@@ -262,7 +263,9 @@ class MultiStateMLP:
         into the tensors, so the JAX arrays stay intact); copied to ``device`` if that differs."""
         forward = [tensor_from_jax(w, device) for w in synapses.forward]
         backward = [tensor_from_jax(v, device) for v in synapses.backward]
-        return cls(spec, genome, forward, backward)
+        mlp = cls(spec, genome, forward, backward)
+        mlp.neurons = [tensor_from_jax(a, device) for a in synapses.neurons]
+        return mlp
 
     # ------------------------------------------------------------------------------------------ exports
 
@@ -270,7 +273,8 @@ class MultiStateMLP:
         """The current synapses as JAX :class:`genome.Synapses` through DLPack (zero-copy on a shared
         device; a snapshot, since later steps replace rather than overwrite the tensors)."""
         return Synapses(tuple(jax_from_tensor(w) for w in self.forward),
-                        tuple(jax_from_tensor(v) for v in self.backward))
+                        tuple(jax_from_tensor(v) for v in self.backward),
+                        tuple(jax_from_tensor(a) for a in self.neurons))
 
     def to_linear(self, layers: Sequence[torch.nn.Linear] | None = None) -> list[torch.nn.Linear]:
         """State-0 forward blocks as ``nn.Linear`` layers (``weight = W[0, :-1].T``, ``bias = W[0, -1]``), as
@@ -341,8 +345,9 @@ class MultiStateMLP:
         normalized = (s - mean) * torch.rsqrt(var + self.spec.norm_epsilon)
         return g.norm_scale[:, None, None] * normalized + g.norm_shift[:, None, None]
 
-    def _forward_states(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """DESIGN §2 step 1, from all-zero neurons; the input goes to state 0 of layer 0."""
+    def _forward_states(self, x: torch.Tensor, carried: bool = False) -> list[torch.Tensor]:
+        """DESIGN §2 step 1, from all-zero neurons (or, with ``carried``, from the neurons of the previous step
+        when ``spec.zero_out_neurons`` is false); the input goes to state 0 of layer 0."""
         spec = self.spec
         a = x.new_zeros((spec.num_states,) + tuple(x.shape))
         a[0] = x
@@ -350,7 +355,9 @@ class MultiStateMLP:
         for layer, w in enumerate(self._pass_blocks(self.forward)):
             g = self._layer(layer)
             delta = torch.bmm(_mix(_with_bias(states[-1]), g.forward_transform), w)  # Σ_i Σ_d ā ν W
-            s = g.neuron_update * delta  # f·a^{l+1} = 0: neurons start every step at 0
+            s = g.neuron_update * delta  # f·a^{l+1} = 0 when neurons start the step at 0
+            if carried and self.neurons and not spec.zero_out_neurons:
+                s = g.neuron_keep * self.neurons[layer + 1] + s
             is_output = layer == spec.num_layers - 1
             if spec.activation_norm and not is_output:
                 s = self._normalize_activation(s, g)
@@ -464,15 +471,20 @@ class MultiStateMLP:
         x = self._inputs(x)
         y = self._as_tensor(y).long()
         self._normalize_at_start()
-        forward_states = self._forward_states(x)
+        forward_states = self._forward_states(x, carried=True)
         if spec.forward_synapse_update:
             self._hebbian_update(forward_states, forward_pass=True)
-        if t % spec.supervised_every:
-            return  # a forward-only step
+        if t % spec.supervised_every:  # a forward-only step
+            if not spec.zero_out_neurons:
+                self.neurons = forward_states
+            return
         states = list(forward_states)
         states[-1] = self._feedback(states[-1], y)
         pre = forward_states if spec.use_forward_activations_for_synapse_update else None
-        self._hebbian_update(self._backward_states(states), pre)
+        states = self._backward_states(states)
+        self._hebbian_update(states, pre)
+        if not spec.zero_out_neurons:
+            self.neurons = states
 
     @torch.no_grad()
     def predict(self, x: Any) -> torch.Tensor:

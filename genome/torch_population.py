@@ -56,6 +56,7 @@ def check_torch_support(spec: G.NetworkSpec) -> None:
                                      "forward_synapse_update", "use_forward_activations_for_synapse_update",
                                      "per_layer_genome")
                    if getattr(spec, name)]
+    unsupported += ["zero_out_neurons"] if not spec.zero_out_neurons else []
     if spec.supervised_every != 1:
         unsupported.append("supervised_every")
     unsupported += [name for name in ("forward_activation", "output_activation", "backward_activation")

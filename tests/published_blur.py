@@ -115,8 +115,9 @@ def synapse_update(pre, post, synapse, genes, options):
     return synapse * genes["keep"] + h * genes["update"]
 
 
-def network_step(layers_shape, synapses, genome, x, target, options, step):
-    """blur.network_step with zero_out_neurons. ``target``: ±1 one-hot ``[B, n_out]``; ``genome``: one genome
+def network_step(layers_shape, synapses, genome, x, target, options, step, previous=None):
+    """blur.network_step. ``previous``: the layers after the previous step (kept when
+    ``options["zero_out_neurons"]`` is false, else zeroed). ``target``: ±1 one-hot ``[B, n_out]``; ``genome``: one genome
     dict, or a list of them, one per layer pair (``per_layer_genome``: ``genome_util.get_genome(g, i)``).
     Returns (synapses, layers)."""
     sizes = [n for n in layers_shape]
@@ -128,8 +129,11 @@ def network_step(layers_shape, synapses, genome, x, target, options, step):
     batch = x.shape[0]
     synapses = [s.copy() for s in synapses]
     eps = options.get("normalization_eps", 1e-9)
-    layers = [np.zeros((batch, n, k)) for n in sizes]
-    layers[0][:, :, 0] = x
+    if options.get("zero_out_neurons", True) or previous is None:
+        layers = [np.zeros((batch, n, k)) for n in sizes]
+    else:
+        layers = [a.copy() for a in previous]
+    layers[0] = np.concatenate([x[..., None], np.zeros_like(layers[0][..., 1:])], axis=-1)
     if options.get("normalize_synapses"):  # default_state_update
         for i, s in enumerate(synapses):
             n_in = sizes[i]

@@ -42,6 +42,7 @@ def published_options(spec: G.NetworkSpec) -> dict:
         "forward_synapse_update": spec.forward_synapse_update,
         "use_forward_activations_for_synapse_update": spec.use_forward_activations_for_synapse_update,
         "saturation_eps": spec.saturation_epsilon if spec.saturation else None,
+        "zero_out_neurons": spec.zero_out_neurons,
     }
     if spec.oja:
         options["oja"] = {"use_synapse_weights": spec.oja_variant == "synapse_weights",
@@ -101,12 +102,12 @@ def random_case(spec: G.NetworkSpec, seed: int):
     return g, published, synapses, batches
 
 
-def ours_from_published(spec, synapses) -> G.Synapses:
+def ours_from_published(spec, synapses, neurons=()) -> G.Synapses:
     forward, backward = [], []
     for n_in, s in zip(spec.layer_sizes, synapses):
         forward.append(jnp.asarray(np.transpose(s[: n_in + 1, n_in + 1 :], (2, 0, 1))))
         backward.append(jnp.asarray(np.transpose(s[n_in + 1 :, :n_in], (2, 0, 1))))
-    return G.Synapses(tuple(forward), tuple(backward))
+    return G.Synapses(tuple(forward), tuple(backward), neurons)
 
 
 def zero_diagonal_blocks(spec, synapses):
@@ -132,14 +133,17 @@ def run_both(spec: G.NetworkSpec, seed: int, mask_diagonal: bool = False):
     if mask_diagonal:
         synapses = zero_diagonal_blocks(spec, synapses)
     ours = ours_from_published(spec, synapses)
-    worst = 0.0
+    if not spec.zero_out_neurons:  # the published first state: all-zero layers
+        ours = ours._replace(neurons=tuple(jnp.zeros((spec.num_states, 5, n), jnp.float64) for n in spec.layer_sizes))
+    worst, layers = 0.0, None
     for t, (x, y) in enumerate(batches):
         target = 2.0 * np.eye(spec.num_outputs)[y] - 1.0
-        synapses, layers = P.network_step(spec.layer_sizes, synapses, published, x, target, options, t)
+        synapses, layers = P.network_step(spec.layer_sizes, synapses, published, x, target, options, t, layers)
         if mask_diagonal:
             synapses = zero_diagonal_blocks(spec, synapses)
         ours, states = jitted_step(spec)(g, ours, jnp.asarray(x), jnp.asarray(y), t)
-        expected = ours_from_published(spec, synapses)
+        expected = ours_from_published(spec, synapses, () if spec.zero_out_neurons else tuple(
+            np.transpose(a, (2, 0, 1)) for a in layers))
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
             assert np.all(np.isfinite(b)), "the case must stay finite to compare anything"
             worst = max(worst, float(np.max(np.abs(np.asarray(a) - b)) / (np.max(np.abs(b)) + 1e-300)))
@@ -161,6 +165,8 @@ OPTIONS = {
     "normalize_in_activations": dict(synapse_normalization="activations", synapse_normalization_epsilon=1e-9),
     "saturation": dict(saturation=True, saturation_epsilon=0.05),
     "per_layer_genome": dict(per_layer_genome=True),
+    "neurons_persist": dict(zero_out_neurons=False),
+    "neurons_persist_supervised_every_2": dict(zero_out_neurons=False, supervised_every=2, forward_synapse_update=True),
     "combined_a": dict(per_layer_genome=True, supervised_every=2, forward_synapse_update=True, oja=True, synapse_normalization="start",
                        backward_update="multiplicative_second_state"),
     "combined_b": dict(per_layer_genome=True, use_forward_activations_for_synapse_update=True, saturation=True, saturation_epsilon=0.01,

@@ -37,6 +37,7 @@ PUBLISHED_VARIANTS = {  # NetworkSpec.official(...) plus the published-code opti
     "normalize_at_start": dict(synapse_normalization="start", oja=True, oja_extra_multiplier=0.5),
     "skip_first_state": dict(backward_update="multiplicative_skip_first_state"),
     "per_layer_genome": dict(per_layer_genome=True, forward_synapse_update=True, activation_norm=True),
+    "neurons_persist": dict(zero_out_neurons=False, supervised_every=2),
 }
 
 
@@ -50,7 +51,7 @@ def random_case(spec: G.NetworkSpec, seed: int):
         oja=jnp.asarray(0.3), saturation=jnp.asarray(0.7), forward_synapse_update=jnp.asarray(-0.01),
     )
     g = jax.tree.map(lambda v, ref: jnp.broadcast_to(v, ref.shape), g, G.neutral_genome(spec))  # per-layer shapes
-    synapses = jax.tree.map(lambda w: 3.0 * w, G.init_synapses(spec, synapse_key))
+    synapses = jax.tree.map(lambda w: 3.0 * w, G.init_synapses(spec, synapse_key, batch_size=8))
     xs = jax.random.normal(x_key, (NUM_STEPS, 8, spec.num_inputs))
     ys = jax.random.randint(y_key, (NUM_STEPS, 8), 0, spec.num_outputs)
     return g, synapses, xs, ys

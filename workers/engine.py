@@ -72,7 +72,7 @@ def _learn(spec, genome, synapses, task, start, stop):
 
 def train(spec: G.NetworkSpec, genome: G.Genome, task: Task, synapse_key: jax.Array, horizon: Horizon):
     """Fresh synapses, then the inner steps of ``horizon``; returns (final synapses, curve accuracies)."""
-    synapses = G.init_synapses(spec, synapse_key)
+    synapses = G.init_synapses(spec, synapse_key, batch_size=task.support_x.shape[1])
     updates = num_updates(horizon)
     curve = []
     done = 0
@@ -132,9 +132,11 @@ def evaluate_window(spec: G.NetworkSpec, vectors: jax.Array, tasks: Task, synaps
                             jnp.asarray(start, jnp.int32), scoring, int(length))
 
 
-def init_window_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, population: int) -> G.Synapses:
-    """Fresh synapses ``[P, K, ...]``: task k's initial synapses (as in :func:`evaluate`) for every candidate."""
-    return init_unroll(spec, synapse_keys, population).synapses
+def init_window_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, population: int,
+                         batch_size: int | None = None) -> G.Synapses:
+    """Fresh synapses ``[P, K, ...]``: task k's initial synapses (as in :func:`evaluate`) for every candidate
+    (``batch_size``: the support batch size, for specs that carry neuron states)."""
+    return init_unroll(spec, synapse_keys, population, batch_size=batch_size).synapses
 
 
 def compiled_cache_size() -> int:

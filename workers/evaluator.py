@@ -104,7 +104,8 @@ class LocalEvaluator:
         tasks = self._unroll_tasks(split, task_key, num_tasks, unroll_length)
         vectors = jnp.asarray(vectors, jnp.float32)
         if synapses is None:
-            synapses = engine.init_window_synapses(self.spec, synapse_keys(task_key, num_tasks), vectors.shape[0])
+            synapses = engine.init_window_synapses(self.spec, synapse_keys(task_key, num_tasks), vectors.shape[0],
+                                                   tasks.support_x.shape[2])
         result, synapses = engine.evaluate_window(self.spec, vectors, tasks, synapses, start, length, self.scoring)
         out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,
                                                    result.diverged)))

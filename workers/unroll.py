@@ -167,27 +167,30 @@ def unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Ta
     return jax.lax.scan(run_segment, synapses, times)[0]
 
 
-def init_task_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, dtype=jnp.float32) -> G.Synapses:
+def init_task_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, dtype=jnp.float32,
+                       batch_size: int | None = None) -> G.Synapses:
     """Fresh synapses for each task ``[K, ...]``: the engine's float32 initialization, cast to ``dtype`` (so
-    a float64 meta-loss starts from exactly the synapses that evolution's episodes start from)."""
-    per_task = [_init_float32(spec, key) for key in synapse_keys]  # one compilation whatever K is
+    a float64 meta-loss starts from exactly the synapses that evolution's episodes start from).
+    ``batch_size``: the support batch size, for specs that carry neuron states."""
+    per_task = [_init_float32(spec, key, batch_size) for key in synapse_keys]  # one compilation whatever K is
     return jax.tree.map(lambda *a: jnp.stack(a).astype(dtype), *per_task)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_float32(spec, key):
-    return G.init_synapses(spec, key, jnp.float32)
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_float32(spec, key, batch_size):
+    return G.init_synapses(spec, key, jnp.float32, batch_size)
 
 
 def init_unroll(spec: G.NetworkSpec, synapse_keys: jax.Array, copies: int = 0, dtype=jnp.float32,
-                perturbations: int = 0) -> UnrollState:
+                perturbations: int = 0, batch_size: int | None = None) -> UnrollState:
     """The state at the start of an unroll: task k's fresh synapses (from ``synapse_keys[k]``, as every
     episode starts), stacked ``copies`` times in front when ``copies > 0`` (one per ES candidate or PES
     run, all starting alike), step 0, and ``perturbations`` zero rows of accumulated PES noise.
 
     The initial state depends on the keys only, not on the genome or the tasks (BLUR synapses start
-    from the spec's initialization), so those are not arguments."""
-    synapses = init_task_synapses(spec, synapse_keys, dtype)
+    from the spec's initialization), so those are not arguments; ``batch_size`` is needed only by specs
+    that carry neuron states (``zero_out_neurons = False``)."""
+    synapses = init_task_synapses(spec, synapse_keys, dtype, batch_size)
     if copies:
         synapses = jax.tree.map(lambda a: jnp.broadcast_to(a, (copies,) + a.shape), synapses)
     return UnrollState(synapses, jnp.zeros((), jnp.int32), jnp.zeros((perturbations, G.num_dims(spec)), dtype))
