@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import genome as G
 from evolution.evograd import softmax_merge
 from workers.task_types import Task
-from workers.unroll import Horizon, UnrollState, init_unroll, num_updates, query_loss, query_scores, unroll
+from workers.unroll import (Horizon, UnrollState, finish_unroll, init_unroll, num_updates, query_loss, query_scores,
+                            unroll)
 
 ESTIMATORS = ("full", "truncated", "pes", "evograd")
 REMAT_MODES = ("none", "step", "sqrt")
@@ -119,22 +120,29 @@ def meta_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapse_keys:
     ``engine.episode(...).cross_entropy``.
     """
     synapses = init_unroll(spec, synapse_keys, dtype=vector.dtype, batch_size=tasks.support_x.shape[2]).synapses
-    return window_loss(spec, vector, tasks, synapses, 0, num_updates(horizon), None, remat)[0]
+    return window_loss(spec, vector, tasks, synapses, 0, num_updates(horizon), None, remat, horizon)[0]
 
 
 def window_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G.Synapses, start, length: int,
-                stop=None, remat: str = "none") -> tuple[jax.Array, G.Synapses]:
+                stop=None, remat: str = "none", horizon: Horizon | None = None) -> tuple[jax.Array, G.Synapses]:
     """Mean query loss over the task batch after ``length`` rule steps from ``synapses`` (per task ``[K, ...]``)
     starting at support batch ``start`` (steps ``>= stop`` masked, see :func:`unroll`).
 
     Returns (loss, end synapses). With fresh synapses, ``start = 0`` and ``length = T`` it is the meta-loss;
-    with ``stop = t`` it is the loss after the first t steps (the quantity PES is unbiased for).
+    with ``stop = t`` it is the loss after the first t steps (the quantity PES is unbiased for). With
+    ``horizon``, a window that reaches the unroll's end is scored after :func:`workers.unroll.finish_unroll`
+    (the published last forward-only step), as ES fitness is.
     """
     genome = G.unravel(spec, vector)
 
     def one(task, syn):
         syn = unroll(spec, genome, syn, task, start, length, stop, remat)
-        return query_loss(spec, genome, syn, task), syn
+        scored = syn
+        if horizon is not None and G.has_forward_only_effects(spec) and horizon.skip_last_update:
+            finished = finish_unroll(spec, genome, syn, task, horizon)
+            at_end = start + length >= num_updates(horizon)
+            scored = jax.tree.map(lambda f, s: jnp.where(at_end, f, s), finished, syn)
+        return query_loss(spec, genome, scored, task), syn
 
     losses, end = jax.vmap(one)(tasks, synapses)
     return jnp.mean(losses), end
@@ -158,7 +166,7 @@ def done(state: UnrollState, horizon: Horizon) -> bool:
 def _full(spec, vector, tasks, state, key, horizon, estimator):
     steps = num_updates(horizon)
     (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
-        spec, vector, tasks, state.synapses, 0, steps, None, estimator.remat)
+        spec, vector, tasks, state.synapses, 0, steps, None, estimator.remat, horizon)
     new_state = UnrollState(end, jnp.asarray(steps, jnp.int32), state.perturbation)
     return Estimate(loss, grad, new_state, jnp.asarray(steps * _num_tasks(tasks)))
 
@@ -166,7 +174,7 @@ def _full(spec, vector, tasks, state, key, horizon, estimator):
 def _truncated(spec, vector, tasks, state, key, horizon, estimator):
     steps, window = num_updates(horizon), min(estimator.truncation, num_updates(horizon))
     (loss, end), grad = jax.value_and_grad(window_loss, argnums=1, has_aux=True)(
-        spec, vector, tasks, state.synapses, state.step, window, steps, estimator.remat)
+        spec, vector, tasks, state.synapses, state.step, window, steps, estimator.remat, horizon)
     new_step = jnp.minimum(state.step + window, steps)
     return Estimate(loss, grad, UnrollState(end, new_step, state.perturbation),
                     (new_step - state.step) * _num_tasks(tasks))
@@ -178,7 +186,8 @@ def _pes(spec, vector, tasks, state, key, horizon, estimator):
     noise = sigma * jax.random.normal(key, (pairs, vector.shape[0]), vector.dtype)
     accumulated = state.perturbation + noise  # PES: perturbations accumulate across truncations
     thetas = jnp.concatenate([vector[None] + noise, vector[None] - noise])  # antithetic pairs
-    run_window = functools.partial(window_loss, spec, start=state.step, length=window, stop=steps, remat="none")
+    run_window = functools.partial(window_loss, spec, start=state.step, length=window, stop=steps, remat="none",
+                                   horizon=horizon)
     losses, end = jax.vmap(lambda theta, syn: run_window(theta, tasks, syn))(thetas, state.synapses)
     difference = losses[:pairs] - losses[pairs:]
     grad = jnp.einsum("p,pd->d", difference, accumulated) / (2.0 * pairs * sigma**2)

@@ -342,6 +342,23 @@ def step_states(
                         lambda synapses: carry(synapses, list(forward_states)), synapses)
 
 
+def has_forward_only_effects(spec: NetworkSpec) -> bool:
+    """Whether a forward-only step changes the synapses (forward-pass Hebbian update, normalization at the
+    start of a step): then the published unroll's last step, forward-only, matters."""
+    return spec.forward_synapse_update or spec.synapse_normalization == "start"
+
+
+def forward_only_step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> Synapses:
+    """A step without feedback and backward pass (the published ``network_step`` with both backward flags
+    off, as its unroll runs the last support batch): normalization at the start, forward pass, the
+    forward-pass Hebbian update; carried neurons become the forward states."""
+    synapses = normalize_at_start(spec, synapses)
+    states = forward(spec, genome, synapses, x)
+    if spec.forward_synapse_update:
+        synapses = hebbian_update(spec, genome, synapses, states, genes_of=forward_genes)
+    return synapses if spec.zero_out_neurons else synapses._replace(neurons=tuple(states))
+
+
 def step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array, t=0) -> Synapses:
     """One inner learning step on a batch: forward, feedback, backward, Hebbian update.
 

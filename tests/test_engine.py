@@ -149,3 +149,30 @@ def test_backprop_genome_episode_equals_the_sgd_baseline_on_the_same_batches():
     np.testing.assert_allclose(result.curve[0], sgd["curve_accuracy"], atol=1e-6)
     np.testing.assert_allclose(result.cross_entropy[0], sgd["loss"], rtol=1e-4, atol=1e-5)
     assert float(jnp.mean(sgd["accuracy"])) > float(jnp.mean(sgd["curve_accuracy"][:, 0])) + 0.1  # it learned
+
+
+def test_skip_last_update_still_runs_the_published_forward_only_last_step():
+    """With a forward-pass Hebbian update the published unroll's last batch still changes the synapses: ES
+    fitness and the gradient meta-loss both include it, and it differs from dropping the batch."""
+    from evolution import gradients as GR
+
+    spec = G.NetworkSpec((4, 5, 3), num_states=2, forward_synapse_update=True)
+    g = G.random_genome(spec, jax.random.key(4))._replace(forward_synapse_update=jnp.asarray(-0.2))
+    vectors = G.ravel(spec, g)[None]
+    tasks = random_tasks(jax.random.key(0), 2, 5, spec=spec)
+    keys = jax.random.split(jax.random.key(1), 2)
+    skipped = E.evaluate(spec, vectors, tasks, keys, E.Scoring(), E.Horizon(5, skip_last_update=True))
+    dropped = E.evaluate(spec, vectors, tasks, keys, E.Scoring(), E.Horizon(4))
+    assert not np.allclose(skipped.cross_entropy, dropped.cross_entropy)
+    by_hand = []
+    for k in range(2):
+        task = take(tasks, k)
+        syn = G.init_synapses(spec, keys[k])
+        for t in range(4):
+            syn = G.step(spec, g, syn, task.support_x[t], task.support_y[t], t)
+        syn = G.forward_only_step(spec, g, syn, task.support_x[4])
+        logits = G.predict(spec, g, syn, task.query_x)
+        by_hand.append(-jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]), task.query_y]))
+    np.testing.assert_allclose(skipped.cross_entropy[0], by_hand, rtol=1e-5)
+    loss = GR.meta_loss(spec, vectors[0], tasks, keys, E.Horizon(5, skip_last_update=True))
+    np.testing.assert_allclose(loss, np.mean(by_hand), rtol=1e-5)

@@ -24,8 +24,8 @@ import numpy as np
 
 import genome as G
 from workers.task_types import Task
-from workers.unroll import (EpisodeResult, Horizon, Scoring, init_unroll, num_updates,
-                            query_scores, score, unroll)
+from workers.unroll import (EpisodeResult, Horizon, Scoring, finish_unroll, init_unroll, num_updates, query_scores,
+                            score, unroll)
 
 
 
@@ -81,7 +81,7 @@ def train(spec: G.NetworkSpec, genome: G.Genome, task: Task, synapse_key: jax.Ar
         synapses = _learn(spec, genome, synapses, task, done, target)
         done = target
         curve.append(query_scores(G.predict(spec, genome, synapses, task.query_x), task.query_y)[0])
-    synapses = _learn(spec, genome, synapses, task, done, updates)
+    synapses = finish_unroll(spec, genome, _learn(spec, genome, synapses, task, done, updates), task, horizon)
     order = [sorted(set(horizon.curve_steps)).index(s) for s in horizon.curve_steps]
     curve_values = jnp.stack([curve[i] for i in order]) if curve else jnp.zeros((0,))
     return synapses, curve_values

@@ -33,7 +33,7 @@ import genome as G
 from workers.task_types import Task
 
 __all__ = ["AGGREGATIONS", "EpisodeResult", "FITNESS_METRICS", "Horizon", "Scoring", "UnrollState",
-           "init_task_synapses", "init_unroll", "num_updates", "query_loss", "query_outputs", "query_scores",
+           "finish_unroll", "init_task_synapses", "init_unroll", "num_updates", "query_loss", "query_outputs", "query_scores",
            "score", "unroll"]
 
 FITNESS_METRICS = ("cross_entropy", "error_rate")
@@ -165,6 +165,17 @@ def unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Ta
 
     times = (start + jnp.arange(length)).reshape(num_segments, segment)
     return jax.lax.scan(run_segment, synapses, times)[0]
+
+
+def finish_unroll(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task,
+                  horizon: Horizon) -> G.Synapses:
+    """With ``skip_last_update``, the published unroll still runs its last support batch forward-only; that
+    changes the synapses only under :func:`genome.has_forward_only_effects` options, where it is applied
+    here (after the :func:`num_updates` rule steps); otherwise ``synapses`` come back unchanged."""
+    if not (horizon.skip_last_update and horizon.num_steps > 0 and G.has_forward_only_effects(spec)):
+        return synapses
+    x = jax.lax.dynamic_index_in_dim(task.support_x, horizon.num_steps - 1, keepdims=False)
+    return G.forward_only_step(spec, genome, synapses, x)
 
 
 def init_task_synapses(spec: G.NetworkSpec, synapse_keys: jax.Array, dtype=jnp.float32,
