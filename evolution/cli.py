@@ -314,6 +314,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from genome.errors import require_extra
+
+    require_extra("torch", "torch", "blur bench")
+    if args.ray:
+        require_extra("ray", "ray", "blur bench --ray")
     from workers.bench import run_bench
 
     return run_bench(quick=args.quick, as_json=args.json, with_ray=args.ray)

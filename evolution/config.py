@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from genome.errors import UserError
+from genome.errors import MissingExtra, UserError, require_extra
 from genome.spec import OFFICIAL_DEFAULTS, NetworkSpec, SpecError
 from workers.engine import EpisodeConfig
 from workers.tasks import TaskConfig
@@ -359,6 +359,11 @@ def _validate(config: Config) -> None:
                           f"got {curriculum.max_steps}")
     if config.evaluator.kind not in ("local", "ray"):
         raise ConfigError("evaluator.kind: must be 'local' or 'ray'")
+    if config.evaluator.kind == "ray":
+        try:
+            require_extra("ray", "ray", "evaluator.kind: ray")
+        except MissingExtra as error:
+            raise ConfigError(str(error)) from None
     unknown = set(config.report.baselines) - {"sgd", "momentum", "adam"}
     if unknown:
         raise ConfigError(f"report.baselines: unknown baseline(s) {sorted(unknown)}; use sgd, momentum, adam")

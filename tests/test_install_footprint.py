@@ -1,0 +1,63 @@
+"""The core install: evolve / resume / inspect / evaluate / compare run without Ray and torch (extras `ray`,
+`torch`), and asking for them without the extra is a one-line error naming it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, SMOKE
+
+# Run the CLI in a fresh interpreter where importing ray or torch fails as if they were not installed.
+BLOCKED = """
+import sys
+class _NotInstalled:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "torch"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, _NotInstalled)
+from evolution.cli import main
+code = main(sys.argv[1:])
+print("LOADED", sorted(m for m in ("ray", "torch") if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def blur_without_extras(*args, timeout=600):
+    return subprocess.run([sys.executable, "-c", BLOCKED, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_importing_the_core_loads_neither_ray_nor_torch():
+    code = ("import sys, genome, workers, evolution, evolution.cli, evolution.run, evolution.compare, "
+            "evolution.inspect, workers.engine, workers.evaluator, workers.report, workers.baselines; "
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_main_job_runs_without_the_extras(tmp_path):
+    run = blur_without_extras("evolve", SMOKE, "--out", tmp_path / "run", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "LOADED []" in run.stderr and (tmp_path / "run" / "report.json").is_file()
+    inspect = blur_without_extras("inspect", tmp_path / "run", "--json")
+    assert inspect.returncode == 0, inspect.stderr
+    assert json.loads(inspect.stdout)["counters"]["stop_reason"] == "generations"
+
+
+@pytest.mark.parametrize("args, extra", [
+    (["evolve", SMOKE, "--workers", "2"], "ray"),
+    (["evolve", SMOKE, "--set", "evaluator.kind=ray"], "ray"),
+    (["bench", "--quick"], "torch"),
+])
+def test_asking_for_an_extra_that_is_not_installed_names_it(args, extra, tmp_path):
+    run = blur_without_extras(*args, "--out", tmp_path / "out") if args[0] == "evolve" else blur_without_extras(*args)
+    assert run.returncode == 2, run.stderr
+    error = [line for line in run.stderr.splitlines() if not line.startswith("LOADED")]
+    assert len(error) == 1 and f"pip install 'blur-evolve[{extra}]'" in error[0]
+    assert not (tmp_path / "out").exists()
