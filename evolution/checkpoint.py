@@ -73,8 +73,17 @@ def config_identity(config) -> dict[str, Any]:
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ. A key the stored identity lacks (a setting added by a later release) counts
+    only if its current value is not that setting's default: a run checkpointed by an earlier release
+    resumes under the options it was written with."""
+    from evolution.config import Config
+
+    defaults = config_identity(Config())
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
     keys = sorted(set(stored) | set(current))
-    return [k for k in keys if json.dumps(stored.get(k), sort_keys=True) != json.dumps(current.get(k), sort_keys=True)]
+    return [k for k in keys
+            if not (same(stored.get(k), current.get(k)) or (k not in stored and k in defaults
+                                                              and same(current.get(k), defaults[k])))]
 
 
 def _checksum(meta: dict[str, str], arrays: dict[str, np.ndarray]) -> str:

@@ -29,7 +29,21 @@ class UsageError(UserError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{self.prog}: {message}")
+        verb = self.prog.removeprefix("blur").strip()
+        raise UsageError(f"{verb}: {message}" if verb else message)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blur-evolve")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _verb_list() -> str:
+    return "verbs:\n" + "\n".join(f"  {name:<9} {text}" for name, text in VERBS.items())
 
 
 def _add_evaluator_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +55,7 @@ def _add_evaluator_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="blur", description="Evolutionary search for BLUR learning rules.")
+    parser.add_argument("--version", action="version", version=f"blur-evolve {_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     p = sub.add_parser("evolve", help=VERBS["evolve"], description=VERBS["evolve"])
@@ -54,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help=VERBS["resume"], description=VERBS["resume"])
     p.add_argument("run_dir")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--recompute", action="store_true",
+                   help="on a complete run, recompute the held-out report instead of printing the stored one")
     _add_evaluator_flags(p)
     p = sub.add_parser("inspect", help=VERBS["inspect"], description=VERBS["inspect"])
     p.add_argument("path", help="a .genome file or a run directory")
@@ -87,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `blur`: what can it do?
+        print(f"usage: blur VERB ... (blur VERB --help for one verb; blur --version)\n{_verb_list()}", file=sys.stderr)
+        return 2
+    try:
+        return _main(parser, argv)
+    except BrokenPipeError:  # `blur ... | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
         handler = globals()[f"cmd_{args.verb}"]
@@ -94,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"blur: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # handled by main
     except KeyboardInterrupt:
         print("blur: interrupted", file=sys.stderr)
         return 130
@@ -278,8 +310,31 @@ def cmd_resume(args) -> int:
         raise UsageError("resume: evaluator flags are taken from the run's config.yaml; edit it to change them")
     with handle_signals():
         run = Run.resume(Path(args.run_dir), _evaluator_fn())
+        stored = None if args.recompute else _stored_report(run)
+        if stored is not None:
+            from workers.report import format_table
+
+            state = run.state
+            run.close()
+            print(f"run {run.run_dir} is complete (stopped: {state.stop_reason} after {state.generation} "
+                  f"generations); its stored report (`blur resume --recompute` computes it again):\n")
+            print(format_table(stored))
+            print(f"\nbest genome: {run.run_dir / 'best.genome'} (generation {state.best_generation}); "
+                  f"report: {run.run_dir / 'report.md'}")
+            return 0
         print(f"resuming at generation {run.state.generation}")
         return _run_to_end(run, args.quiet)
+
+
+def _stored_report(run) -> dict | None:
+    """The held-out report of a complete run (None if the run is not complete or has no readable report)."""
+    if run.state.stop_reason is None or run.stop_reason() is None:
+        return None
+    try:
+        report = json.loads((run.run_dir / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "methods" in report else None
 
 
 # -------------------------------------------------------------------------------------------- others

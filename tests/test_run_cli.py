@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -252,3 +253,54 @@ def test_inspect_shows_which_options_a_genome_file_uses(tmp_path, capsys):
     path = G.save(tmp_path / "p.genome", plain, G.neutral_genome(plain))
     code, out, _ = run_cli(["inspect", str(path)], capsys)
     assert "options in use: none (all defaults)" in out
+
+
+def test_version_bare_blur_and_one_prefix(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("blur-evolve ")
+    code, _, err = run_cli([], capsys)
+    assert code == 2 and all(verb in err for verb in ("evolve", "resume", "inspect", "compare", "bench", "tasks"))
+    code, _, err = run_cli(["evolve"], capsys)
+    assert code == 2 and err.count("blur:") == 1 and err.startswith("blur: error: evolve: ")
+
+
+def test_output_into_a_closed_pipe_is_not_an_error():
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` that has already exited: every write gets EPIPE
+    blur_tasks = subprocess.Popen([sys.executable, "-m", "evolution.cli", "tasks"], stdout=write_end,
+                                  stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    os.close(write_end)
+    _, err = blur_tasks.communicate(timeout=120)
+    assert blur_tasks.returncode == 0 and b"BrokenPipeError" not in err, err
+
+
+def test_resume_of_a_complete_run_prints_its_stored_report(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    full, _ = uninterrupted
+    copy = tmp_path / "done"
+    shutil.copytree(full, copy)
+    stored = (copy / "report.json").read_text()
+    code, out, _ = run_cli(["resume", str(copy)], capsys)
+    assert code == 0 and "is complete (stopped: generations after 24 generations)" in out
+    assert "evolved rule" in out and "resuming" not in out
+    assert (copy / "report.json").read_text() == stored  # nothing recomputed
+    report = json.loads(stored)
+    (copy / "report.json").write_text("{}")  # no readable report: the run writes it again
+    code, out, _ = run_cli(["resume", str(copy), "--quiet"], capsys)
+    assert code == 0 and "resuming at generation 24" in out
+    assert json.loads((copy / "report.json").read_text())["methods"] == report["methods"]
+
+
+def test_a_checkpoint_from_an_earlier_release_resumes_when_new_settings_keep_their_defaults():
+    from evolution.checkpoint import config_differences, config_identity
+    from evolution.config import config_from_dict
+
+    current = config_identity(config_from_dict({"network": {"hidden_sizes": [8]}}))
+    stored = {k: v for k, v in current.items() if k != "network.zero_out_neurons"}  # written before it existed
+    assert config_differences(stored, current) == []
+    changed = config_identity(config_from_dict({"network": {"hidden_sizes": [8], "zero_out_neurons": False}}))
+    assert config_differences(stored, changed) == ["network.zero_out_neurons"]
