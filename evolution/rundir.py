@@ -205,12 +205,7 @@ def create_run_key(run_id: str) -> bytes:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_bytes(32)
     path = directory / f"{run_id}.key"
-    old_umask = os.umask(0o077)
-    try:
-        atomic_write_bytes(path, key.hex().encode())
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
+    atomic_write_bytes(path, key.hex().encode(), mode=0o600)  # never readable by others, not even briefly
     return key
 
 

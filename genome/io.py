@@ -68,17 +68,29 @@ class WriteError(OSError):
     """A file could not be written (disk full, read-only, permissions); the message names the path."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_DEFAULT_MODE = _default_mode()  # what open() would create under this process's umask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` atomically: temporary file in the same directory, fsync, rename.
+    ``mode``: the file's permissions (default: what ``open`` would give under the umask).
 
     A process killed at any moment leaves either the old file or the new one, never a torn one; a failed
     write (ENOSPC, EROFS, EACCES) leaves the old file and raises :class:`WriteError` naming ``path``. The
     rename replaces a symlink at ``path`` itself, never the file it points to.
     """
     path = Path(path)
+    mode = _DEFAULT_MODE if mode is None else mode
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, mode)  # mkstemp creates 0600; run files get the same permissions as any other
     except OSError as error:
         raise WriteError(error.errno, f"cannot write {path}: {error.strerror}") from None
     try:

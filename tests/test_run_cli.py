@@ -304,3 +304,20 @@ def test_a_checkpoint_from_an_earlier_release_resumes_when_new_settings_keep_the
     assert config_differences(stored, current) == []
     changed = config_identity(config_from_dict({"network": {"hidden_sizes": [8], "zero_out_neurons": False}}))
     assert config_differences(stored, changed) == ["network.zero_out_neurons"]
+
+
+def test_run_files_share_one_permission_mode_and_the_run_key_stays_private(uninterrupted):
+    import os
+    import stat
+
+    from evolution import rundir
+
+    full, _ = uninterrupted
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in full.iterdir()
+             if path.is_file() and not path.name.startswith(".")}
+    assert set(modes) >= {"best.genome", "report.md", "config.yaml", "metrics.jsonl", "checkpoint.ckpt"}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    run_id = json.loads((full / "run.json").read_text())["run_id"]
+    assert stat.S_IMODE((rundir.key_dir() / f"{run_id}.key").stat().st_mode) == 0o600
