@@ -20,6 +20,7 @@ VERBS = {
     "compare": "compare evolution with gradient-based outer loops on equal budgets",
     "bench": "benchmark the evaluation engine against GEMM and PyTorch",
     "tasks": "list task families and their options",
+    "runs": "list run directories: status, generations, validation and held-out accuracy",
 }
 
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     p = sub.add_parser("evolve", help=VERBS["evolve"], description=VERBS["evolve"])
-    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("config", help="YAML config file, or the name of a shipped config (digits, smoke, ...)")
     p.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set run.generations=5 (repeatable)")
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--ray", action="store_true", help="also measure Ray with 1 and 2 local workers")
     p = sub.add_parser("tasks", help=VERBS["tasks"], description=VERBS["tasks"])
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("runs", help=VERBS["runs"], description=VERBS["runs"])
+    p.add_argument("directory", nargs="?", default="runs", help="where the run directories are (default: runs)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -287,17 +291,18 @@ def _report(run, num_steps: int) -> dict:
 
 
 def cmd_evolve(args) -> int:
-    from evolution.config import load_config
+    from evolution.config import load_config, resolve_config_path
     from evolution.run import Run
     from evolution.signals import handle_signals
 
     overrides = list(args.overrides) + _evaluator_overrides(args)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    config = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    source = resolve_config_path(args.config)
+    config = load_config(source, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     with handle_signals():
-        run = Run.create(config, out, _evaluator_fn())
+        run = Run.create(config, out, _evaluator_fn(), source=str(source))
         return _run_to_end(run, args.quiet)
 
 
@@ -354,6 +359,12 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from evolution.inspect import list_runs
+
+    return list_runs(Path(args.directory), as_json=args.json)
+
+
 def cmd_inspect(args) -> int:
     from evolution.inspect import inspect_path
 
@@ -384,7 +395,9 @@ def cmd_compare(args) -> int:
         from evolution.compare import main_compare
     except ImportError:
         raise UsageError("compare: not available in this build") from None
-    return main_compare(args.config, args.out, args.overrides)
+    from evolution.config import resolve_config_path
+
+    return main_compare(str(resolve_config_path(args.config)), args.out, args.overrides)
 
 
 if __name__ == "__main__":

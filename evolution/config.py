@@ -525,6 +525,33 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return config_from_dict(data, overrides)
 
 
+def shipped_config_dirs() -> list[Path]:
+    """Where the configs that ship with blur-evolve live: the source tree's ``configs/`` (also an editable
+    install) and ``<prefix>/share/blur-evolve/configs`` (a wheel install, see pyproject's data-files)."""
+    import sys
+
+    return [Path(__file__).resolve().parents[1] / "configs", Path(sys.prefix) / "share" / "blur-evolve" / "configs"]
+
+
+def shipped_configs() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in shipped_config_dirs():
+        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else ():
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """``name`` as a path if it exists, else a shipped config of that name (``digits``, ``digits.yaml``)."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    shipped = shipped_configs().get(path.name.removesuffix(".yaml"))
+    if shipped is None:
+        raise ConfigError(f"config file not found: {name} (shipped configs: {', '.join(shipped_configs()) or 'none'})")
+    return shipped
+
+
 def read_yaml_file(path: str | Path) -> Any:
     """A YAML file through :func:`parse_yaml` (size checked before reading it whole)."""
     path = Path(path)

@@ -260,3 +260,82 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
         if not as_json:
             print(f"plot: {plot}")
     return 0
+
+
+def run_status(path: Path) -> dict[str, Any]:
+    """One run directory at a glance (reads files only, changes nothing): config source, status (running /
+    finished / stopped, no report / incomplete / unreadable), generations, best validation accuracy, the
+    evolved rule's held-out accuracy, wall time."""
+    from evolution.checkpoint import CheckpointError, MetricsLog, load_checkpoint
+    from evolution.rundir import lock_holder
+
+    info: dict[str, Any] = {"run_dir": str(path), "config": None, "status": "incomplete", "generation": 0,
+                            "generations": None, "best_val_accuracy": None, "heldout_accuracy": None,
+                            "wall_time": None}
+    try:
+        provenance = json.loads((path / "provenance.json").read_text())
+        source = provenance.get("config_source")
+        info["config"] = Path(source).stem if source else None
+    except (OSError, ValueError):
+        pass
+    try:
+        import yaml
+
+        info["generations"] = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("run", {}).get(
+            "generations")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        pass
+    counters: dict[str, Any] = {}
+    if (path / "checkpoint.ckpt").exists():
+        try:
+            counters = load_checkpoint(path)[0]
+        except (CheckpointError, OSError):
+            info["status"] = "unreadable checkpoint"
+    info["generation"] = counters.get("generation", 0)
+    info["wall_time"] = counters.get("elapsed")
+    try:
+        rows = MetricsLog(path / "metrics.jsonl").read()
+    except (OSError, ValueError, CheckpointError):
+        rows = []
+    accuracies = [row["val_accuracy"] for row in rows if "val_accuracy" in row]
+    info["best_val_accuracy"] = max(accuracies) if accuracies else None
+    report = None
+    try:
+        report = json.loads((path / "report.json").read_text())
+        info["heldout_accuracy"] = report["methods"]["evolved rule"]["accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        report = None
+    if lock_holder(path) is not None:
+        info["status"] = "running"
+    elif counters.get("stop_reason") is not None:
+        info["status"] = "finished" if report is not None else "stopped, no report"
+    return info
+
+
+def list_runs(root: Path, as_json: bool = False) -> int:
+    """``blur runs``: every run directory directly under ``root`` (or ``root`` itself), newest first."""
+    from evolution.config import ConfigError
+
+    if not root.is_dir():
+        raise ConfigError(f"{root}: not a directory")
+    candidates = [root] if (root / "run.json").is_file() else [p for p in root.iterdir() if (p / "run.json").is_file()]
+    candidates.sort(key=lambda p: (p / "run.json").stat().st_mtime, reverse=True)
+    runs = [run_status(p) for p in candidates]
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    if not runs:
+        print(f"no run directories in {root}")
+        return 0
+
+    def number(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    print(f"{'run':<32} {'config':<14} {'status':<20} {'gens':>9} {'best val':>8} {'held-out':>8} {'wall':>8}")
+    for run in runs:
+        gens = f"{run['generation']}/{run['generations'] if run['generations'] is not None else '?'}"
+        wall = "-" if run["wall_time"] is None else f"{run['wall_time']:.0f}s"
+        print(f"{Path(run['run_dir']).name[:32]:<32} {(run['config'] or '-')[:14]:<14} {run['status']:<20} "
+              f"{gens:>9} {number(run['best_val_accuracy'], '.3f'):>8} {number(run['heldout_accuracy'], '.3f'):>8} "
+              f"{wall:>8}")
+    return 0

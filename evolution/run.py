@@ -201,7 +201,7 @@ class Run:
     # ------------------------------------------------------------------------------------------ setup
     @classmethod
     def create(cls, config: Config, run_dir: Path, evaluator_fn: Callable[[Config, G.NetworkSpec], Evaluator],
-               lock: rundir.RunLock | None = None):
+               lock: rundir.RunLock | None = None, source: str | None = None):
         """Check everything (config, data, resources, strategy options, ``--out``), then lock ``run_dir`` and
         write the run's files. Nothing is written before every check has passed."""
         run_dir = Path(run_dir)
@@ -219,7 +219,8 @@ class Run:
             run.run_id = rundir.new_run_id()
             run.key = rundir.create_run_key(run.run_id)
             rundir.write_run_info(run_dir, run.run_id)
-            atomic_write_text(run_dir / "provenance.json", json.dumps(provenance(config, run.evaluator), indent=2))
+            atomic_write_text(run_dir / "provenance.json",
+                              json.dumps({**provenance(config, run.evaluator), "config_source": source}, indent=2))
             init_key = jax.random.fold_in(root_key(config), 0)
             run.strategy_state = run.strategy.init(init_key, mean, config.strategy.sigma)
             run.checkpoint()

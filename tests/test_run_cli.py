@@ -321,3 +321,34 @@ def test_run_files_share_one_permission_mode_and_the_run_key_stays_private(unint
     assert set(modes.values()) == {0o666 & ~umask}, modes
     run_id = json.loads((full / "run.json").read_text())["run_id"]
     assert stat.S_IMODE((rundir.key_dir() / f"{run_id}.key").stat().st_mode) == 0o600
+
+
+def test_blur_runs_lists_status_and_results_and_shipped_configs_resolve_by_name(uninterrupted, tmp_path, capsys,
+                                                                                monkeypatch):
+    import shutil
+
+    from evolution import rundir
+
+    full, _ = uninterrupted
+    root = tmp_path / "runs"
+    shutil.copytree(full, root / "finished")
+    shutil.copytree(full, root / "busy")
+    (root / "finished" / "report.json").unlink()  # -> stopped, no report
+    lock = rundir.open_run_dir(root / "busy")
+    try:
+        code, out, _ = run_cli(["runs", str(root), "--json"], capsys)
+    finally:
+        lock.release()
+    runs = {Path(r["run_dir"]).name: r for r in json.loads(out)}
+    assert code == 0 and runs["busy"]["status"] == "running" and runs["finished"]["status"] == "stopped, no report"
+    assert runs["busy"]["config"] == "smoke" and runs["busy"]["generation"] == 24 == runs["busy"]["generations"]
+    assert 0 < runs["busy"]["heldout_accuracy"] <= 1 and runs["busy"]["best_val_accuracy"] is not None
+    code, out, _ = run_cli(["runs", str(root)], capsys)
+    assert code == 0 and "stopped, no report" in out and "finished" in out  # the lock is released
+    monkeypatch.chdir(tmp_path)  # away from the source tree: `smoke` is the shipped config
+    code, out, err = run_cli(["evolve", "smoke", "--out", "by-name", "--quiet", "--set", "run.generations=1",
+                              "--set", "report.test_tasks=2", "--set", "report.tuning_tasks=2"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "by-name" / "provenance.json").read_text())["config_source"].endswith("smoke.yaml")
+    code, _, err = run_cli(["evolve", "no-such-config"], capsys)
+    assert code == 2 and "shipped configs:" in err and "digits" in err
