@@ -278,15 +278,17 @@ def _run_and_report(run, quiet: bool) -> int:
 
 
 def _report(run, num_steps: int) -> dict:
-    from workers.report import compare_on_heldout
+    from workers.report import Progress, compare_on_heldout, report_units
     from evolution.run import _TEST, split_key
 
     config = run.config
+    units = report_units(1, config.report.learning_rates, config.report.baselines, config.report.backprop_genome)
     return compare_on_heldout(
         run.spec, {"evolved rule": run.best_genome()}, config.task, num_steps, split_key(config, _TEST),
         num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
         learning_rates=config.report.learning_rates, baseline_names=config.report.baselines,
         include_backprop_genome=config.report.backprop_genome, skip_last_update=config.episode.skip_last_update,
+        progress=Progress("held-out report", units),
     )
 
 

@@ -52,7 +52,7 @@ from evolution import gradients as GR
 from evolution import outer_loop as OL
 from evolution.config import (MAX_POPULATION, MAX_SEED, MAX_STEPS, MAX_TASKS, Config, ConfigError, apply_override,
                                check_bounds, check_strategy_options, config_from_dict, config_to_dict, read_yaml_file)
-from workers.report import compare_on_heldout
+from workers.report import Progress, compare_on_heldout, report_units
 from evolution.run import Run, initial_vector, local_evaluator, network_spec
 from workers import engine
 from workers.evaluator import synapse_keys
@@ -399,13 +399,15 @@ def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, 
                          f"after {outcome['inner_steps']} inner steps ({time.perf_counter() - start:.1f} s)")
     genomes = {f"{name} / seed {seed}": G.unravel(spec, jnp.asarray(outcome["vector"]))
                for name, by_seed in runs.items() for seed, outcome in by_seed.items()}
+    baseline_names = config.report.baselines if compare.baselines else ()
+    include_backprop = compare.baselines and config.report.backprop_genome
     final = compare_on_heldout(
         spec, genomes, config.task, config.episode.num_steps, jax.random.fold_in(jax.random.key(config.seed), _FINAL),
         num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
-        learning_rates=config.report.learning_rates,
-        baseline_names=config.report.baselines if compare.baselines else (),
-        include_backprop_genome=compare.baselines and config.report.backprop_genome,
-        skip_last_update=config.episode.skip_last_update)
+        learning_rates=config.report.learning_rates, baseline_names=baseline_names,
+        include_backprop_genome=include_backprop, skip_last_update=config.episode.skip_last_update,
+        progress=Progress("final held-out comparison",
+                          report_units(len(genomes), config.report.learning_rates, baseline_names, include_backprop)))
     summary = _summarize(compare, runs, final)
     _write_outputs(out_dir, config, compare, runs, final, summary, initial)
     return summary

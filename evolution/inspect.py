@@ -235,9 +235,13 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
                           steps, 4, num_tasks, G.num_dims(spec)),
                  None, "resources", "--tasks, --steps, --batch-size or the network's widths")
     curve_steps = sorted({0, steps // 4, steps // 2, (3 * steps) // 4, steps})
+    from workers import baselines
+    from workers.report import Progress, report_units
+
+    units = report_units(1, baselines.DEFAULT_LEARNING_RATES, baselines.OPTIMIZERS, True)
     report = compare_on_heldout(spec, {name: rule}, task_config, steps,
                                 jax.random.fold_in(jax.random.key(seed), 3), num_test_tasks=num_tasks,
-                                split=split, curve_steps=curve_steps)
+                                split=split, curve_steps=curve_steps, progress=Progress("evaluate", units))
     if as_json:
         print(json.dumps(report, indent=2))
     else:

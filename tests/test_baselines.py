@@ -151,3 +151,24 @@ def test_sweep_without_validation_reports_the_selection_score(digits_tasks):
                              optimizers=("sgd",))["sgd"]
     assert result["selected_on"] == "tasks" and result["best_lr"] == 1.0
     assert result["best_accuracy"] == result["sweep"][1.0]
+
+
+def test_the_report_progress_counts_every_training_run_and_ends_at_the_total():
+    import io
+
+    import jax
+
+    import genome as G
+    from workers.report import Progress, compare_on_heldout, report_units
+    from workers.tasks import TaskConfig
+
+    spec = G.NetworkSpec((64, 8, 3))
+    stream = io.StringIO()
+    units = report_units(1, (0.1, 1.0), ("sgd", "adam"), True)
+    progress = Progress("held-out report", units, every=0.0, stream=stream)
+    compare_on_heldout(spec, {"rule": G.neutral_genome(spec)}, TaskConfig(family="digits", n_way=3, batch_size=8,
+                       num_query=24), 3, jax.random.key(0), num_test_tasks=2, num_tuning_tasks=2,
+                       learning_rates=(0.1, 1.0), baseline_names=("sgd", "adam"), progress=progress)
+    lines = stream.getvalue().splitlines()
+    assert units == 1 + 3 + 2 * 4 and progress.done == units and len(lines) == units
+    assert lines[-1].startswith(f"held-out report: {units}/{units} (") and "ETA 0s" in lines[-1]

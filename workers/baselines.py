@@ -183,27 +183,32 @@ def _mean_scores(result) -> tuple[float, float]:
 def sweep(tasks: Task, layer_sizes: Sequence[int], key: jax.Array,
           learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES, optimizers: Sequence[str] = OPTIMIZERS,
           validation_tasks: Task | None = None, activation: str = "sigmoid",
-          skip_last_update: bool = False) -> dict[str, dict]:
+          skip_last_update: bool = False, progress=None) -> dict[str, dict]:
     """Learning-rate sweep per optimizer; the best rate has the highest mean query accuracy (ties: lower loss).
 
     Returns ``{optimizer: {"best_lr", "best_accuracy", "best_loss", "sweep": {lr: mean accuracy on the
     selection tasks}, "selected_on": "validation" | "tasks"}}``; ``best_accuracy``/``best_loss`` are
     measured on ``tasks`` with ``init_keys = task_init_keys(key, K)``. The selection runs on
-    ``validation_tasks`` use the independent key ``fold_in(key, 1)``.
+    ``validation_tasks`` use the independent key ``fold_in(key, 1)``. ``progress(label)`` is called after each
+    training run (``len(optimizers) × (len(learning_rates) + 1)`` calls with validation tasks).
     """
     run = functools.partial(run_baseline, layer_sizes=layer_sizes, activation=activation,
                             skip_last_update=skip_last_update)
     selection_tasks = tasks if validation_tasks is None else validation_tasks
     selection_key = key if validation_tasks is None else jax.random.fold_in(key, 1)
     results = {}
+    tick = progress or (lambda label: None)
     for name in optimizers:
-        scores = {float(lr): _mean_scores(run(name, lr, tasks=selection_tasks, key=selection_key))
-                  for lr in learning_rates}
+        scores = {}
+        for lr in learning_rates:
+            scores[float(lr)] = _mean_scores(run(name, lr, tasks=selection_tasks, key=selection_key))
+            tick(f"{name} lr {lr:g}")
         best_lr = max(scores, key=lambda lr: (scores[lr][0], -scores[lr][1]))
         if validation_tasks is None:
             best_accuracy, best_loss = scores[best_lr]
         else:
             best_accuracy, best_loss = _mean_scores(run(name, best_lr, tasks=tasks, key=key))
+            tick(f"{name} at lr {best_lr:g}")
         results[name] = {"best_lr": best_lr, "best_accuracy": best_accuracy, "best_loss": best_loss,
                          "sweep": {lr: accuracy for lr, (accuracy, _) in scores.items()},
                          "selected_on": "tasks" if validation_tasks is None else "validation"}

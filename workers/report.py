@@ -32,10 +32,43 @@ def _summary(accuracy: np.ndarray, loss: np.ndarray, curve: np.ndarray | None) -
     }
 
 
+class Progress:
+    """``done/total`` of a long phase with elapsed time and an ETA, one line to stderr at most every
+    ``every`` seconds (and for the last unit), so nothing runs silently."""
+
+    def __init__(self, what: str, total: int, every: float = 5.0, stream=None):
+        import sys
+        import time
+
+        self.what, self.total, self.every = what, max(int(total), 1), every
+        self.stream = sys.stderr if stream is None else stream
+        self.clock = time.perf_counter
+        self.start = self.last = self.clock()
+        self.done = 0
+
+    def __call__(self, label: str = "") -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"{self.what}: {self.done}/{self.total} ({label}), {elapsed:.0f}s elapsed, ETA {eta:.0f}s",
+              file=self.stream, flush=True)
+
+
 def _genome_scores(spec, genome, tasks, key, horizon: engine.Horizon):
     result = engine.evaluate(spec, G.ravel(spec, genome)[None], tasks, synapse_keys(key, tasks.query_y.shape[0]),
                              engine.Scoring(), horizon)
     return result.accuracy[0], result.cross_entropy[0], result.curve[0]
+
+
+def report_units(num_genomes: int, learning_rates: Sequence[float], baseline_names: Sequence[str],
+                 include_backprop_genome: bool) -> int:
+    """Training runs :func:`compare_on_heldout` makes (the ``total`` of its :class:`Progress`)."""
+    backprop = len(learning_rates) + 1 if include_backprop_genome else 0
+    return num_genomes + backprop + len(baseline_names) * (len(learning_rates) + 2)
 
 
 def compare_on_heldout(
@@ -52,8 +85,11 @@ def compare_on_heldout(
     include_backprop_genome: bool = True,
     curve_steps: Sequence[int] = (),
     skip_last_update: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Scores of ``genomes`` (name -> genome of ``spec``) and of the tuned baselines on held-out tasks."""
+    """Scores of ``genomes`` (name -> genome of ``spec``) and of the tuned baselines on held-out tasks.
+    ``progress``: ticked once per training run (see :func:`report_units`)."""
+    tick = progress or (lambda label="": None)
     test_key, tuning_key = jax.random.split(key)
     family = make_family(task_config, split)
     tuning_family = make_family(task_config, "validation")
@@ -63,6 +99,7 @@ def compare_on_heldout(
     methods: dict[str, dict[str, Any]] = {}
     for name, genome in genomes.items():
         accuracy, loss, curve = _genome_scores(spec, genome, tasks, test_key, horizon)
+        tick(name)
         methods[name] = {"learning_rate": None, **_summary(accuracy, loss, curve if curve_steps else None)}
 
     if include_backprop_genome:
@@ -71,20 +108,24 @@ def compare_on_heldout(
             return _genome_scores(bp_spec, bp_genome, eval_tasks, eval_key, eval_horizon)
 
         tuning_horizon = engine.Horizon(num_steps, skip_last_update)
-        scores = {lr: float(np.mean(backprop_scores(lr, tuning, tuning_key, tuning_horizon)[0]))
-                  for lr in learning_rates}
+        scores = {}
+        for lr in learning_rates:
+            scores[lr] = float(np.mean(backprop_scores(lr, tuning, tuning_key, tuning_horizon)[0]))
+            tick(f"backprop genome lr {lr:g}")
         best_lr = max(scores, key=scores.get)
         accuracy, loss, curve = backprop_scores(best_lr, tasks, test_key, horizon)
+        tick("backprop genome")
         methods["backprop genome"] = {"learning_rate": best_lr, **_summary(accuracy, loss, curve if curve_steps else None)}
 
     activation = spec.forward_activation if spec.forward_activation in baselines.ACTIVATIONS else "sigmoid"
     sweep = baselines.sweep(tasks, spec.layer_sizes, test_key, learning_rates=learning_rates,
                             optimizers=baseline_names, validation_tasks=tuning, activation=activation,
-                            skip_last_update=skip_last_update)
+                            skip_last_update=skip_last_update, progress=tick)
     for name in baseline_names:
         best_lr = sweep[name]["best_lr"]
         result = baselines.run_baseline(name, best_lr, spec.layer_sizes, tasks, test_key, curve_steps=curve_steps,
                                         activation=activation, skip_last_update=skip_last_update)
+        tick(BASELINE_LABELS[name])
         curve = result.get("curve_accuracy") if curve_steps else None
         methods[BASELINE_LABELS[name]] = {"learning_rate": best_lr, "sweep": sweep[name]["sweep"],
                                           **_summary(result["accuracy"], result["loss"], curve)}
