@@ -32,7 +32,7 @@ CHECKPOINT_FORMAT = "blur-evolve-checkpoint-2"
 # config keys a user may change before `blur resume` (stop criteria, checkpoint cadence, where evaluation
 # runs, the final report); every other key fixes the trajectory and must match the checkpoint
 RESUME_EDITABLE = ("run.generations", "run.max_evaluations", "run.max_wall_time", "run.target_fitness",
-                   "run.checkpoint_every", "evaluator", "report")
+                   "run.checkpoint_every", "evaluator", "report", "tracking")
 
 
 class CheckpointError(UserError):

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set run.generations=5 (repeatable)")
     p.add_argument("--seed", type=int, help="root seed (same as --set seed=S)")
     p.add_argument("--quiet", action="store_true", help="no per-generation lines")
+    p.add_argument("--tensorboard", action="store_true", help="TensorBoard event files under RUN/tensorboard "
+                   "(same as --set tracking.tensorboard=true; extra blur-evolve[tracking])")
+    p.add_argument("--mlflow", action="store_true", help="track the run in MLflow (tracking.mlflow=true; "
+                   "store: RUN/mlruns unless tracking.mlflow_uri)")
     _add_evaluator_flags(p)
     p = sub.add_parser("resume", help=VERBS["resume"], description=VERBS["resume"])
     p.add_argument("run_dir")
@@ -270,6 +274,8 @@ def _run_and_report(run, quiet: bool) -> int:
         raise
     atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2))
     atomic_write_text(run.run_dir / "report.md", format_markdown(report))
+    if run.tracker is not None:
+        run.tracker.log_report(report, run.metrics.read())
     print()
     print(format_table(report))
     print(f"\nbest genome: {run.run_dir / 'best.genome'} (generation {state.best_generation}); "
@@ -298,6 +304,8 @@ def cmd_evolve(args) -> int:
     from evolution.signals import handle_signals
 
     overrides = list(args.overrides) + _evaluator_overrides(args)
+    overrides += ["tracking.tensorboard=true"] if args.tensorboard else []
+    overrides += ["tracking.mlflow=true"] if args.mlflow else []
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     source = resolve_config_path(args.config)

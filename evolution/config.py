@@ -106,6 +106,14 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    tensorboard: bool = False  # event files under RUN/tensorboard
+    mlflow: bool = False  # an MLflow run per blur run
+    mlflow_uri: str | None = None  # None: a file store under RUN/mlruns
+    experiment: str = "blur-evolve"  # the MLflow experiment
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -115,6 +123,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def network_spec(self, num_inputs: int, num_outputs: int) -> NetworkSpec:
         values = dataclasses.asdict(self.network)
@@ -359,6 +368,9 @@ def _validate(config: Config) -> None:
                           f"got {curriculum.max_steps}")
     if config.evaluator.kind not in ("local", "ray"):
         raise ConfigError("evaluator.kind: must be 'local' or 'ray'")
+    from evolution.tracking import check_tracking
+
+    check_tracking(config)
     if config.evaluator.kind == "ray":
         try:
             require_extra("ray", "ray", "evaluator.kind: ray")

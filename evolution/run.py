@@ -197,6 +197,8 @@ class Run:
         self.estimate = None  # resources.Estimate of the run's largest evaluation call (set by create/resume)
         self._step_done = False
         self.checkpointed_generation: int | None = None  # generation of the checkpoint on disk
+        self.tracker = None  # evolution.tracking.Tracker when config.tracking enables a backend
+        self._untracked: list[dict[str, Any]] = []  # metrics rows waiting for their checkpoint
 
     # ------------------------------------------------------------------------------------------ setup
     @classmethod
@@ -224,6 +226,7 @@ class Run:
             init_key = jax.random.fold_in(root_key(config), 0)
             run.strategy_state = run.strategy.init(init_key, mean, config.strategy.sigma)
             run.checkpoint()
+            run._start_tracking()
         except BaseException:
             lock.release()
             raise
@@ -286,14 +289,25 @@ class Run:
             run.inner = run._inner_from_arrays(checkpoint.extra)
             run.checkpointed_generation = state.generation
             metrics.truncate_to(state.generation, kept_rows)
+            run._start_tracking()
+            if run.tracker is not None:
+                run.tracker.log_rows(metrics.read())  # continue the same tracking runs up to the checkpoint
         except BaseException:
             lock.release()
             raise
         return run
 
+    def _start_tracking(self) -> None:
+        if self.config.tracking.tensorboard or self.config.tracking.mlflow:
+            from evolution.tracking import Tracker
+
+            self.tracker = Tracker(self.config, self.run_dir)
+
     def close(self) -> None:
-        """Close the evaluator and release the run directory's lock."""
+        """Close the evaluator and the tracking backends and release the run directory's lock."""
         try:
+            if self.tracker is not None:
+                self.tracker.close()
             self.evaluator.close()
         finally:
             if self.lock is not None:
@@ -306,6 +320,9 @@ class Run:
             self._save_checkpoint()
             self.checkpointed_generation = self.state.generation
         self._checkpoint_seconds = time.perf_counter() - start
+        if self.tracker is not None and self._untracked:  # only generations whose checkpoint is on disk
+            self.tracker.log_rows(self._untracked)
+        self._untracked = []
 
     def _save_checkpoint(self) -> None:
         extra = {}
@@ -423,6 +440,7 @@ class Run:
         row.update(self.evaluator.pop_metrics())
         with critical():
             self.metrics.append(row)
+            self._untracked.append(row)
             self._step_done = True  # the row is on disk: the state now stands for generation + 1
         if state.generation % config.run.checkpoint_every == 0 or self.stop_reason():
             self.checkpoint()

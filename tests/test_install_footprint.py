@@ -1,5 +1,6 @@
-"""The core install: evolve / resume / inspect / evaluate / compare run without Ray and torch (extras `ray`,
-`torch`), and asking for them without the extra is a one-line error naming it."""
+"""The core install: evolve / resume / inspect / evaluate / compare run without Ray, torch, TensorBoard and
+MLflow (extras `ray`, `torch`, `tracking`), and asking for them without the extra is a one-line error naming
+it."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import sys
 class _NotInstalled:
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name.split(".")[0] in ("ray", "torch"):
+        if name.split(".")[0] in ("ray", "torch", "mlflow", "tensorboard"):
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, _NotInstalled)
 from evolution.cli import main
 code = main(sys.argv[1:])
-print("LOADED", sorted(m for m in ("ray", "torch") if m in sys.modules), file=sys.stderr)
+print("LOADED", sorted(m for m in ("ray", "torch", "mlflow", "tensorboard") if m in sys.modules), file=sys.stderr)
 sys.exit(code)
 """
 
@@ -54,6 +55,8 @@ def test_the_main_job_runs_without_the_extras(tmp_path):
     (["evolve", SMOKE, "--workers", "2"], "ray"),
     (["evolve", SMOKE, "--set", "evaluator.kind=ray"], "ray"),
     (["bench", "--quick"], "torch"),
+    (["evolve", SMOKE, "--tensorboard"], "tracking"),
+    (["evolve", SMOKE, "--set", "tracking.mlflow=true"], "tracking"),
 ])
 def test_asking_for_an_extra_that_is_not_installed_names_it(args, extra, tmp_path):
     run = blur_without_extras(*args, "--out", tmp_path / "out") if args[0] == "evolve" else blur_without_extras(*args)
