@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a complete run, recompute the held-out report instead of printing the stored one")
     _add_evaluator_flags(p)
     p = sub.add_parser("inspect", help=VERBS["inspect"], description=VERBS["inspect"])
-    p.add_argument("path", help="a .genome file or a run directory")
+    p.add_argument("path", nargs="+", help="a .genome file or a run directory; several run directories: "
+                   "their reports side by side and one fitness plot")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="write PNG plots with this path prefix")
     p = sub.add_parser("evaluate", help=VERBS["evaluate"], description=VERBS["evaluate"])
@@ -376,9 +377,9 @@ def cmd_runs(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from evolution.inspect import inspect_path
+    from evolution.inspect import inspect_runs
 
-    return inspect_path(Path(args.path), as_json=args.json, plot=args.plot)
+    return inspect_runs([Path(p) for p in args.path], as_json=args.json, plot=args.plot)
 
 
 def cmd_evaluate(args) -> int:

@@ -88,52 +88,131 @@ def format_genome(spec: G.NetworkSpec, genome: G.Genome, metadata: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_genome(spec: G.NetworkSpec, genome: G.Genome, path: Path) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
-    for ax, (name, label) in zip(axes, MATRIX_NAMES.items()):
-        matrix = np.asarray(getattr(genome, name))
-        if spec.per_layer_genome:  # the layers side by side
-            matrix = np.concatenate(list(matrix), axis=1)
-        limit = max(float(np.abs(matrix).max()), 1e-6)
-        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set_title(label)
-        ax.set_xlabel("destination state")
-        ax.set_ylabel("source state")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    rates = ", ".join(f"{v:.3g}" for v in np.ravel(np.asarray(genome.synapse_update)))
-    layers = ", layer pairs side by side" if spec.per_layer_genome else ""
-    fig.suptitle(f"genome transforms, k={spec.num_states}{layers}, η̃={rates}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
     return path
 
 
-def plot_fitness(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+def genome_figure(spec: G.NetworkSpec, genome: G.Genome, title: str = "genome"):
+    """The four k×k transforms as heatmaps (state ticks 0..k-1, values in the cells for k ≤ 6), the backprop
+    genome's transforms beside them where it exists (k = 2), and every scalar of the genome in the title."""
+    plt = _pyplot()
+    k = spec.num_states
+    rows = [("evolved", genome)]
+    if k == 2 and not spec.per_layer_genome:
+        rows.append(("backprop genome", G.backprop_genome(spec.layer_sizes, 0.1)[1]))
+    fig, axes = plt.subplots(len(rows), 4, figsize=(13, 3.3 * len(rows)), squeeze=False)
+    for (row_name, g), row_axes in zip(rows, axes):
+        for ax, (name, label) in zip(row_axes, MATRIX_NAMES.items()):
+            matrix = np.asarray(getattr(g, name))
+            if spec.per_layer_genome:  # the layer pairs side by side
+                matrix = np.concatenate(list(matrix), axis=1)
+            limit = max(float(np.abs(matrix).max()), 1e-6)
+            image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(f"{label} ({row_name})")
+            ax.set_xlabel("destination state")
+            ax.set_ylabel("source state")
+            ax.set_xticks(range(matrix.shape[1]), [str(c % k) for c in range(matrix.shape[1])])
+            ax.set_yticks(range(k), [str(d) for d in range(k)])
+            if k <= 6:
+                for (d, c), value in np.ndenumerate(matrix):
+                    ax.text(c, d, f"{value:.2f}", ha="center", va="center", fontsize=8)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    def scalars(g):
+        values = [("f", g.neuron_keep), ("η", g.neuron_update), ("f̃", g.synapse_keep), ("η̃", g.synapse_update)]
+        if spec.oja and spec.oja_use_multiplier:
+            values.append(("Oja", g.oja))
+        if spec.saturation:
+            values.append(("saturation", g.saturation))
+        return ", ".join(f"{n}={', '.join(f'{v:.3g}' for v in np.ravel(np.asarray(x)))}" for n, x in values)
+    layers = "; layer pairs side by side" if spec.per_layer_genome else ""
+    fig.suptitle(f"{title}: k={spec.num_states}{layers}; {scalars(genome)}")
+    fig.tight_layout()
+    return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    generations = [r["generation"] for r in rows]
-    ax.plot(generations, [r["best_fitness"] for r in rows], label="best (train)")
-    ax.plot(generations, [r["mean_fitness"] for r in rows], label="mean (train)")
-    val = [(r["generation"], r["val_fitness"]) for r in rows if "val_fitness" in r]
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+def plot_genome(spec: G.NetworkSpec, genome: G.Genome, path: Path, title: str = "genome") -> Path:
+    return _save(genome_figure(spec, genome, title), path)
+
+
+def fitness_figure(runs: dict[str, list[dict]], fitness: str = "fitness", title: str | None = None):
+    """Fitness histories of one or more runs on one axes: per run the generation's best (train) and mean
+    fitness, and the validation fitness where measured."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, rows in runs.items():
+        prefix = f"{name}: " if len(runs) > 1 else ""
+        generations = [r["generation"] for r in rows]
+        (line,) = ax.plot(generations, [r["best_fitness"] for r in rows], label=f"{prefix}best candidate (train tasks)")
+        if len(runs) == 1:
+            ax.plot(generations, [r["mean_fitness"] for r in rows], label="population mean (train tasks)")
+        val = [(r["generation"], r["val_fitness"]) for r in rows if "val_fitness" in r]
+        if val:
+            ax.plot(*zip(*val), "o--", color=line.get_color() if len(runs) > 1 else None,
+                    label=f"{prefix}validation (held-out tasks)")
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (lower is better)")
-    ax.legend()
+    ax.set_ylabel(f"{fitness.replace('_', ' ')} (lower is better)")
+    ax.set_title(title or f"{fitness.replace('_', ' ')} per generation" + (f" — {next(iter(runs))}" if len(runs) == 1 else
+                                                                       f" — {len(runs)} runs"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_fitness(rows: list[dict], path: Path, name: str = "run", fitness: str = "fitness") -> Path:
+    return _save(fitness_figure({name: rows}, fitness), path)
+
+
+def inspect_runs(paths: list[Path], as_json: bool = False, plot: str | None = None) -> int:
+    """``blur inspect RUN RUN ...``: the runs' held-out reports side by side and, with ``plot``, their
+    fitness histories in one plot."""
+    from evolution.checkpoint import MetricsLog
+    from evolution.config import ConfigError, load_config
+
+    if len(paths) == 1:
+        return inspect_path(paths[0], as_json, plot)
+    runs = {}
+    for path in paths:
+        if not (path.is_dir() and (path / "config.yaml").is_file()):
+            raise ConfigError(f"{path}: not a run directory (several paths must all be run directories)")
+        report_path = path / "report.json"
+        runs[path.name] = {"status": run_status(path), "rows": MetricsLog(path / "metrics.jsonl").read(),
+                           "report": json.loads(report_path.read_text()) if report_path.is_file() else None,
+                           "fitness": load_config(path / "config.yaml").episode.fitness}
+    if as_json:
+        print(json.dumps([{"run_dir": info["status"]["run_dir"], **info["status"], "report": info["report"]}
+                          for info in runs.values()], indent=2))
+    else:
+        methods = list(dict.fromkeys(m for info in runs.values() for m in (info["report"] or {}).get("methods", {})))
+        names = list(runs)
+        print("held-out accuracy (mean ± standard error over the report's test tasks):")
+        print(f"{'method':<20}" + "".join(f"  {name[:22]:>22}" for name in names))
+        for method in methods:
+            cells = []
+            for name in names:
+                row = ((runs[name]["report"] or {}).get("methods") or {}).get(method)
+                cells.append("-" if not row or row.get("accuracy") is None
+                             else f"{row['accuracy']:.3f} ± {row.get('accuracy_stderr', 0.0):.3f}")
+            print(f"{method:<20}" + "".join(f"  {cell:>22}" for cell in cells))
+    if plot:
+        metrics = {info["fitness"] for info in runs.values()}
+        fitness = metrics.pop() if len(metrics) == 1 else "fitness"
+        figure = fitness_figure({name: info["rows"] for name, info in runs.items()}, fitness)
+        written = _save(figure, Path(f"{plot}_fitness.png"))
+        if not as_json:
+            print(f"plot: {written}")
+    return 0
 
 
 def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> int:
@@ -171,9 +250,9 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
                 print()
                 print(format_table(report))
         if plot:
-            written = [plot_fitness(rows, Path(f"{plot}_fitness.png"))] if rows else []
+            written = [plot_fitness(rows, Path(f"{plot}_fitness.png"), path.name, config.episode.fitness)] if rows else []
             if best:
-                written.append(plot_genome(best[0], best[1], Path(f"{plot}_genome.png")))
+                written.append(plot_genome(best[0], best[1], Path(f"{plot}_genome.png"), f"best genome of {path.name}"))
             if not as_json:
                 print("plots: " + ", ".join(map(str, written)))
         return 0
@@ -183,7 +262,7 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
     else:
         print(format_genome(spec, genome, metadata))
     if plot:
-        written = plot_genome(spec, genome, Path(plot if plot.endswith(".png") else f"{plot}_genome.png"))
+        written = plot_genome(spec, genome, Path(plot if plot.endswith(".png") else f"{plot}_genome.png"), path.name)
         if not as_json:
             print(f"plot: {written}")
     return 0

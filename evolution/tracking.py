@@ -208,7 +208,8 @@ class Tracker:
             try:
                 from evolution.inspect import plot_fitness
 
-                plot = plot_fitness(rows, self.run_dir / "fitness.png")
+                plot = plot_fitness(rows, self.run_dir / "fitness.png", self.run_dir.name,
+                                    self.config.episode.fitness)
             except Exception:  # noqa: BLE001 - a plot is not worth losing the report over
                 plot = None
         if self._writer is not None:

@@ -352,3 +352,32 @@ def test_blur_runs_lists_status_and_results_and_shipped_configs_resolve_by_name(
     assert json.loads((tmp_path / "by-name" / "provenance.json").read_text())["config_source"].endswith("smoke.yaml")
     code, _, err = run_cli(["evolve", "no-such-config"], capsys)
     assert code == 2 and "shipped configs:" in err and "digits" in err
+
+
+def test_plots_name_run_and_metric_and_the_genome_heatmaps_show_states_values_and_the_backprop_genome(
+        uninterrupted, tmp_path, capsys):
+    import shutil
+
+    from helpers import metric_rows
+
+    from evolution.inspect import fitness_figure, genome_figure
+
+    full, _ = uninterrupted
+    ax = fitness_figure({"full": metric_rows(full)}, "cross_entropy").axes[0]
+    assert ax.get_xlabel() == "generation" and ax.get_ylabel() == "cross entropy (lower is better)"
+    assert "full" in ax.get_title() and "cross entropy" in ax.get_title()
+    assert {line.get_label() for line in ax.get_lines()} == {
+        "best candidate (train tasks)", "population mean (train tasks)", "validation (held-out tasks)"}
+    spec = G.NetworkSpec((4, 3, 2))
+    figure = genome_figure(spec, G.random_genome(spec, jax.random.key(0)), "a rule")
+    heatmaps = [a for a in figure.axes if a.get_title()]
+    assert len(heatmaps) == 8 and sum("(backprop genome)" in a.get_title() for a in heatmaps) == 4
+    assert [t.get_text() for t in heatmaps[0].get_xticklabels()] == ["0", "1"] and len(heatmaps[0].texts) == 4
+    assert "a rule" in figure._suptitle.get_text() and "η̃=" in figure._suptitle.get_text()
+    copy = tmp_path / "second"
+    shutil.copytree(full, copy)
+    code, out, _ = run_cli(["inspect", str(full), str(copy), "--plot", str(tmp_path / "both")], capsys)
+    assert code == 0 and "full" in out.splitlines()[1] and "second" in out.splitlines()[1]
+    assert "evolved rule" in out and (tmp_path / "both_fitness.png").stat().st_size > 1000
+    code, _, err = run_cli(["inspect", str(full), str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "not a run directory" in err
