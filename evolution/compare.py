@@ -481,7 +481,7 @@ def _write_outputs(out_dir: Path, config: Config, compare: CompareConfig, runs, 
                     writer.writerow([name, seed, point["inner_steps"], f"{point['wall_time']:.3f}",
                                      f"{point['accuracy']:.4f}", f"{point['loss']:.4f}", point.get("num_steps", ""),
                                      point.get("step_start", "")])
-    plots = _plot(out_dir, compare, runs, summary)
+    plots = _plot(out_dir, compare, runs, summary, chance=1.0 / config.task.resolved_n_way)
     (out_dir / "compare.json").write_text(json.dumps({
         "config": config_to_dict(config), "compare": _plain(compare), "summary": summary,
         "final": {k: v for k, v in final.items()}, "initial_vector": [float(v) for v in initial],
@@ -505,13 +505,31 @@ def _json_default(value):
     return str(value)
 
 
-def _plot(out_dir: Path, compare: CompareConfig, runs, summary) -> list[str]:
+def _plot(out_dir: Path, compare: CompareConfig, runs, summary, chance: float | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
+    for name, fig in comparison_figures(out_dir.name, runs, summary, chance).items():
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def comparison_figures(title: str, runs, summary, chance: float | None = None) -> dict[str, Any]:
+    """The comparison's figures by file name: held-out accuracy vs inner steps and vs wall clock (one line
+    per method and seed, tuned baselines and chance as horizontal lines; the wall-clock axis is logarithmic so
+    short runs are not squashed), compiled memory at T and at the longest horizon, and final accuracy (error
+    bars say what they are: std over seeds for the outer loops, standard error over tasks for the baselines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
     for axis, label, filename in (("inner_steps", "inner steps consumed", "accuracy_vs_inner_steps.png"),
                                   ("wall_time", "wall clock (s, excluding compilation and held-out measurement)",
                                    "accuracy_vs_wall_clock.png")):
@@ -526,14 +544,20 @@ def _plot(out_dir: Path, compare: CompareConfig, runs, summary) -> list[str]:
         for index, (name, row) in enumerate(summary["baselines"].items()):
             ax.axhline(row["accuracy"], color="0.3", linestyle=("--", ":", "-.", (0, (1, 3)))[index % 4],
                        linewidth=1, label=f"{name} (tuned, final)")
+        if chance is not None:
+            ax.axhline(chance, color="0.6", linewidth=1, linestyle=(0, (4, 4)), label=f"chance ({chance:.2f})")
+        if axis == "wall_time":
+            positive = [p[axis] for by_seed in runs.values() for o in by_seed.values() for p in o["curve"]
+                        if p[axis] > 0]
+            if positive:
+                ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel("held-out accuracy (mean over the held-out tasks)")
+        ax.set_title(f"{title}: held-out accuracy vs {label.split(' (')[0]} (each line one seed)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
-        fig.savefig(out_dir / filename, dpi=110)
-        plt.close(fig)
-        written.append(filename)
+        figures[filename] = fig
     names = list(summary["methods"])
     short, long = summary["memory_steps"][0], summary["memory_steps"][-1]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -541,28 +565,32 @@ def _plot(out_dir: Path, compare: CompareConfig, runs, summary) -> list[str]:
     ax.bar(positions - 0.2, [summary["methods"][n]["memory_short"] / 1024 for n in names], 0.4, label=f"T = {short}")
     ax.bar(positions + 0.2, [summary["methods"][n]["memory_long"] / 1024 for n in names], 0.4, label=f"T = {long}")
     ax.set_xticks(positions, names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("compiled temp memory (KiB)")
+    ax.set_ylabel("compiled temp memory (KiB, log scale)")
     ax.set_yscale("log")
+    ax.set_title(f"{title}: working memory of one outer step", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_dir / "memory.png", dpi=110)
-    plt.close(fig)
-    written.append("memory.png")
+    figures["memory.png"] = fig
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = names + list(summary["baselines"])
     means = [summary["methods"][n]["final_accuracy_mean"] for n in names] + [
         summary["baselines"][n]["accuracy"] for n in summary["baselines"]]
     errors = [summary["methods"][n]["final_accuracy_std"] for n in names] + [
         summary["baselines"][n]["accuracy_stderr"] for n in summary["baselines"]]
-    colors = ["C0"] * len(names) + ["0.6"] * len(summary["baselines"])
-    ax.bar(np.arange(len(labels)), means, yerr=errors, color=colors, capsize=3)
-    ax.set_xticks(np.arange(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    positions = np.arange(len(labels))
+    ax.bar(positions[:len(names)], means[:len(names)], yerr=errors[:len(names)], color="C0", capsize=3,
+           label="outer loops: mean ± std over seeds")
+    ax.bar(positions[len(names):], means[len(names):], yerr=errors[len(names):], color="0.6", capsize=3,
+           label="tuned baselines: mean ± standard error over tasks")
+    if chance is not None:
+        ax.axhline(chance, color="0.3", linewidth=1, linestyle=(0, (4, 4)), label=f"chance ({chance:.2f})")
+    ax.set_xticks(positions, labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("final held-out accuracy")
+    ax.set_title(f"{title}: final held-out accuracy", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "final_accuracy.png", dpi=110)
-    plt.close(fig)
-    written.append("final_accuracy.png")
-    return written
+    figures["final_accuracy.png"] = fig
+    return figures
 
 
 def _markdown(config: Config, compare: CompareConfig, summary, plots: list[str]) -> str:

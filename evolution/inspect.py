@@ -268,6 +268,25 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
     return 0
 
 
+def curves_figure(report: dict[str, Any], curve_steps: list[int], title: str):
+    """Learning curves of a held-out report: mean query accuracy over the report's tasks after each number of
+    inner steps (every ~5% of the horizon), and the chance line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, row in report["methods"].items():
+        ax.plot(curve_steps, row["curve"], marker="o", markersize=3, label=method)
+    n_way = report.get("n_way")
+    if n_way:
+        ax.axhline(1.0 / n_way, color="0.5", linewidth=1, linestyle=(0, (4, 4)), label=f"chance (1/{n_way})")
+    ax.set_xlabel("inner steps")
+    ax.set_ylabel(f"query accuracy (mean over {report.get('num_tasks', '?')} held-out tasks)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_tasks: int = 16, split: str = "test",
                     n_way: int | None = None, batch_size: int = 16, hidden: tuple[int, ...] | None = None,
                     data_dir: str | None = None, seed: int = 0, as_json: bool = False, plot: str | None = None) -> int:
@@ -313,7 +332,7 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
     check_memory(estimate(spec.layer_sizes, spec.num_states, task_config.batch_size, task_config.num_query,
                           steps, 4, num_tasks, G.num_dims(spec)),
                  None, "resources", "--tasks, --steps, --batch-size or the network's widths")
-    curve_steps = sorted({0, steps // 4, steps // 2, (3 * steps) // 4, steps})
+    curve_steps = sorted(set(range(0, steps + 1, max(1, steps // 20))) | {steps})  # resolves the early rise
     from workers import baselines
     from workers.report import Progress, report_units
 
@@ -331,14 +350,8 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for method, row in report["methods"].items():
-            ax.plot(curve_steps, row["curve"], marker="o", label=method)
-        ax.set_xlabel("inner steps")
-        ax.set_ylabel(f"held-out query accuracy ({split})")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(plot, dpi=100)
+        fig = curves_figure(report, curve_steps, f"{name} on {task} ({split} split)")
+        fig.savefig(plot, dpi=120)
         plt.close(fig)
         if not as_json:
             print(f"plot: {plot}")

@@ -139,16 +139,33 @@ def provenance(config: Config, evaluator: Evaluator) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a missing package is recorded, not fatal
             return None
 
+    source_dir = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+                                cwd=source_dir).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=5, cwd=source_dir).stdout.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit = dirty = None
+    cpu = None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), None)
+    except OSError:
+        pass
     return {
         "git_commit": commit,
+        "git_dirty": dirty,  # uncommitted changes to tracked files when the run started
+        # what else fixes the numbers: XLA's CPU kernels depend on the CPU and the thread count, and its
+        # flags can change fusion and GEMM blocking (results differ at the 1e-7 level across machines)
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "jax_platforms": os.environ.get("JAX_PLATFORMS"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {n: version(n) for n in ("blur-evolve", "jax", "jaxlib", "numpy", "evosax", "cma", "ray", "optax")},
+        "packages": {n: version(n) for n in ("blur-evolve", "jax", "jaxlib", "numpy", "evosax", "cma", "ray", "optax",
+                                             "flax", "scikit-learn", "torch")},
         "devices": [str(d) for d in jax.devices()],
         "seed": config.seed,
         "evaluator": evaluator.describe(),

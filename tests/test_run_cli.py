@@ -381,3 +381,28 @@ def test_plots_name_run_and_metric_and_the_genome_heatmaps_show_states_values_an
     assert "evolved rule" in out and (tmp_path / "both_fitness.png").stat().st_size > 1000
     code, _, err = run_cli(["inspect", str(full), str(tmp_path / "nothing")], capsys)
     assert code == 2 and "not a run directory" in err
+
+
+def test_comparison_and_learning_curve_plots_label_their_error_bars_chance_and_scales():
+    from evolution.compare import comparison_figures
+    from evolution.inspect import curves_figure
+
+    curve = [{"inner_steps": s, "wall_time": 0.5 * s, "accuracy": 0.3 + 0.01 * s} for s in (0, 10, 100, 1000)]
+    runs = {"es": {0: {"curve": curve}, 1: {"curve": curve}}, "bptt": {0: {"curve": curve[:2]}}}
+    method = {"memory_short": 2048, "memory_long": 4096, "final_accuracy_mean": 0.6, "final_accuracy_std": 0.02}
+    summary = {"methods": {"es": method, "bptt": method}, "memory_steps": [10, 40],
+               "baselines": {"SGD": {"accuracy": 0.7, "accuracy_stderr": 0.01}}}
+    figures = comparison_figures("cmp", runs, summary, chance=1 / 3)
+    assert set(figures) == {"accuracy_vs_inner_steps.png", "accuracy_vs_wall_clock.png", "memory.png",
+                            "final_accuracy.png"}
+    wall = figures["accuracy_vs_wall_clock.png"].axes[0]
+    assert wall.get_xscale() == "symlog" and "cmp" in wall.get_title()
+    assert "chance (0.33)" in [line.get_label() for line in wall.get_lines()]
+    final = figures["final_accuracy.png"].axes[0]
+    labels = final.get_legend_handles_labels()[1]
+    assert "outer loops: mean ± std over seeds" in labels
+    assert "tuned baselines: mean ± standard error over tasks" in labels
+    report = {"n_way": 3, "num_tasks": 16, "methods": {"rule": {"curve": [0.3, 0.5, 0.6]}}}
+    ax = curves_figure(report, [0, 5, 10], "rule on digits").axes[0]
+    assert ax.get_title() == "rule on digits" and ax.get_ylabel() == "query accuracy (mean over 16 held-out tasks)"
+    assert "chance (1/3)" in [line.get_label() for line in ax.get_lines()]
