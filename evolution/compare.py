@@ -68,9 +68,9 @@ class MethodConfig:
     """One outer loop of the comparison.
 
     kind ``es``: ``strategy`` / ``population_size`` / ``sigma`` / ``options`` override the config's
-    strategy section. kind ``gradient``: ``estimator`` (full | truncated | pes | evograd) with ``options``
-    (:class:`evolution.gradients.EstimatorConfig` fields, e.g. truncation, remat, pes_sigma), Adam
-    ``learning_rate`` and ``clip_norm``, ``tasks_per_step`` (default: ``run.tasks_per_generation``) and an
+    strategy section. kind ``gradient``: ``estimator`` (full | truncated | pes | evograd | bmg) with ``options``
+    (:class:`evolution.gradients.EstimatorConfig` fields, e.g. truncation, remat, pes_sigma, bmg_bootstrap),
+    ``outer_optimizer`` (adam | optimistic), its ``learning_rate`` and ``clip_norm``, ``tasks_per_step`` (default: ``run.tasks_per_generation``) and an
     unroll curriculum in meta-steps.
     """
 
@@ -87,6 +87,7 @@ class MethodConfig:
     curriculum_every: int = 0
     curriculum_increment: int = 5
     curriculum_max_steps: int | None = None
+    outer_optimizer: str = "adam"
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ _FIELD_TYPES = {
     "name": (str,), "kind": (str,), "strategy": (str, type(None)), "population_size": (int, type(None)),
     "sigma": (float, int, type(None)), "estimator": (str,), "options": (dict,), "learning_rate": (float, int),
     "clip_norm": (float, int), "tasks_per_step": (int, type(None)), "curriculum_every": (int,),
-    "curriculum_increment": (int,), "curriculum_max_steps": (int, type(None)),
+    "curriculum_increment": (int,), "curriculum_max_steps": (int, type(None)), "outer_optimizer": (str,),
     "seeds": (list,), "inner_step_budget": (int,), "max_wall_time": (float, int, type(None)), "num_points": (int,),
     "heldout_tasks": (int,), "memory_multiplier": (int,), "baselines": (bool,), "methods": (list,),
 }
@@ -153,6 +154,9 @@ def _method(data: Any, index: int) -> MethodConfig:
         check_strategy_options(method.strategy or "", method.options, "options")  # strings: see below
     except ConfigError as error:
         raise ConfigError(f"{where}.{error}") from None
+    if method.outer_optimizer not in OL.OUTER_OPTIMIZERS:
+        raise ConfigError(f"{where}.outer_optimizer: must be one of {', '.join(OL.OUTER_OPTIMIZERS)}; "
+                          f"got {method.outer_optimizer!r}")
     if method.kind == "gradient":
         try:
             estimator_config(method)
@@ -338,7 +342,8 @@ def run_gradient(config: Config, compare: CompareConfig, method: MethodConfig, s
     outer = OL.OuterLoopConfig(
         estimator, learning_rate=method.learning_rate, clip_norm=method.clip_norm, num_meta_steps=10**9,
         tasks_per_step=tasks_per_step, max_inner_steps=compare.inner_step_budget,
-        max_wall_time=compare.max_wall_time, validate_every_inner_steps=_checkpoints(compare), **curriculum)
+        max_wall_time=compare.max_wall_time, validate_every_inner_steps=_checkpoints(compare),
+        outer_optimizer=method.outer_optimizer, **curriculum)
     family = make_family(config.task, "train")
     accuracy, loss = heldout.measure(initial)
     curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]

@@ -32,6 +32,11 @@ tasks). The estimators (``EstimatorConfig.name``):
   the meta-loss itself.
 * ``evograd``: the EvoGrad-style hypergradient (Bohdal et al. 2021) adapted to a learning rule; see
   :func:`evograd_objective`. First order and online: memory is constant in T.
+* ``bmg``: bootstrapped meta-gradients (Flennerhag et al. 2022): the matching loss between the learner after
+  the window (differentiable) and a target the current rule advances L more steps (no graph); see
+  :func:`bmg_objective`. With ``bmg_matching: query_loss`` (no target) it is the truncated / full estimator.
+  The optimistic variant (Flennerhag et al. 2023) is the same estimate under the outer optimizer
+  ``optimistic`` (:mod:`evolution.outer_loop`).
 
 Online estimators (truncated, PES, EvoGrad) take one meta-step per window, so the outer loop descends
 the sum of the window-end losses, whose last term is the meta-loss at T (the short-horizon bias of
@@ -53,9 +58,10 @@ from workers.task_types import Task
 from workers.unroll import (Horizon, UnrollState, finish_unroll, init_unroll, num_updates, query_loss, query_scores,
                             unroll)
 
-ESTIMATORS = ("full", "truncated", "pes", "evograd")
+ESTIMATORS = ("full", "truncated", "pes", "evograd", "bmg")
 REMAT_MODES = ("none", "step", "sqrt")
 EVOGRAD_ADVANCE = ("rule", "merged")
+BMG_MATCHING = ("kl", "squared", "query_loss")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,10 @@ class EstimatorConfig:
     evograd_noise: std of Gaussian noise added to the synapses of each candidate before its rule step.
     evograd_advance: how the network moves on: ``rule`` (one plain rule step on support batch t, exactly
       the inner loop that is meta-tested) or ``merged`` (the softmax-merged candidate state).
+    bmg_bootstrap: L, the rule steps that build the bootstrapped target from the learner after the window.
+    bmg_matching: μ between target and learner: ``kl`` (KL(target ‖ learner) of the query predictions),
+      ``squared`` (½‖Δ‖² of the synapses) or ``query_loss`` (no target: the window-end query loss).
+    bmg_target_lr: α of a last target step ``S̃ ← S̃ − α ∇_S L_query(S̃)`` (0: rule steps only).
     """
 
     name: str = "full"
@@ -83,6 +93,9 @@ class EstimatorConfig:
     evograd_temperature: float = 0.05
     evograd_noise: float = 0.0
     evograd_advance: str = "rule"
+    bmg_bootstrap: int = 5
+    bmg_matching: str = "kl"
+    bmg_target_lr: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -95,6 +108,9 @@ class EstimatorConfig:
             ("evograd_candidates", self.evograd_candidates >= 1, "must be >= 1"),
             ("evograd_temperature", self.evograd_temperature > 0, "must be > 0"),
             ("evograd_noise", self.evograd_noise >= 0, "must be >= 0"),
+            ("bmg_bootstrap", self.bmg_bootstrap >= 0, "must be >= 0"),
+            ("bmg_matching", self.bmg_matching in BMG_MATCHING, f"must be one of {', '.join(BMG_MATCHING)}"),
+            ("bmg_target_lr", self.bmg_target_lr >= 0, "must be >= 0"),
         ]
         for name, ok, message in checks:
             if not ok:
@@ -269,8 +285,74 @@ def _evograd(spec, vector, tasks, state, key, horizon, estimator):
                     (new_step - state.step) * num_tasks * per_step)
 
 
+def bmg_objective(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G.Synapses, start, length: int,
+                  stop, horizon: Horizon, estimator: EstimatorConfig,
+                  targets=None) -> tuple[jax.Array, tuple[G.Synapses, object]]:
+    """Bootstrapped meta-gradient objective (Flennerhag et al. 2022), mean over the task batch.
+
+    The learner ``S(v)``: ``length`` differentiable rule steps from ``synapses`` (support batches
+    ``start, ...``, masked at ``stop``). The target ``S̃ = stopgrad(B_L(S(v)))``: L = ``bmg_bootstrap``
+    further steps of the current rule on support batches ``start + length + i`` (mod T), then optionally a
+    gradient step on the query loss (``bmg_target_lr``). Objective ``μ(S̃, S(v))``. The target enters as a
+    constant: its query log-probabilities (``kl``) or its synapses (``squared``); ``targets`` given (per task):
+    those instead — the objective as a function of ``v`` with the target held fixed, whose gradient the
+    estimator is. Returns (objective, (S(v), targets)).
+    """
+    genome = G.unravel(spec, vector)
+    num_batches = horizon.num_steps
+    target_genome = jax.lax.stop_gradient(genome)
+
+    def build_target(task, learner):
+
+        def bootstrap(s, i):
+            index = (start + length + i) % num_batches
+            x = jax.lax.dynamic_index_in_dim(task.support_x, index, keepdims=False)
+            y = jax.lax.dynamic_index_in_dim(task.support_y, index, keepdims=False)
+            return G.step(spec, target_genome, s, x, y, index), None
+
+        target = jax.lax.scan(bootstrap, jax.lax.stop_gradient(learner), jnp.arange(estimator.bmg_bootstrap))[0]
+        if estimator.bmg_target_lr > 0:
+            grad = jax.grad(lambda s: query_loss(spec, target_genome, s, task))(target)
+            target = jax.tree.map(lambda s, g: s - estimator.bmg_target_lr * g, target, grad)
+        return jax.lax.stop_gradient(target)
+
+    def one(task, syn, given):
+        learner = unroll(spec, genome, syn, task, start, length, stop)
+        if estimator.bmg_matching == "query_loss":
+            return query_loss(spec, genome, learner, task), (learner, learner)
+        if given is None:
+            target = build_target(task, learner)
+            if estimator.bmg_matching == "kl":  # function space: the target's query predictions
+                target = jax.lax.stop_gradient(
+                    jax.nn.log_softmax(G.predict(spec, target_genome, target, task.query_x), axis=-1))
+        else:
+            target = given
+        if estimator.bmg_matching == "squared":
+            value = 0.5 * sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(learner)))
+        else:  # kl: KL(target predictions ‖ learner predictions) on the query inputs, mean over examples
+            learner_log = jax.nn.log_softmax(G.predict(spec, genome, learner, task.query_x), axis=-1)
+            value = jnp.mean(jnp.sum(jnp.exp(target) * (target - learner_log), axis=-1))
+        return value, (learner, target)
+
+    if targets is None:
+        values, aux = jax.vmap(lambda task, syn: one(task, syn, None))(tasks, synapses)
+    else:
+        values, aux = jax.vmap(one)(tasks, synapses, targets)
+    return jnp.mean(values), aux
+
+
+def _bmg(spec, vector, tasks, state, key, horizon, estimator):
+    steps, window = num_updates(horizon), min(estimator.truncation, num_updates(horizon))
+    (loss, (end, _)), grad = jax.value_and_grad(bmg_objective, argnums=1, has_aux=True)(
+        spec, vector, tasks, state.synapses, state.step, window, steps, horizon, estimator)
+    new_step = jnp.minimum(state.step + window, steps)
+    bootstrap = 0 if estimator.bmg_matching == "query_loss" else estimator.bmg_bootstrap
+    return Estimate(loss, grad, UnrollState(end, new_step, state.perturbation),
+                    (new_step - state.step + bootstrap) * _num_tasks(tasks))
+
+
 # name -> estimator; every estimator has the signature (spec, vector, tasks, state, key, horizon, estimator)
-ESTIMATOR_FUNCTIONS = {"full": _full, "truncated": _truncated, "pes": _pes, "evograd": _evograd}
+ESTIMATOR_FUNCTIONS = {"full": _full, "truncated": _truncated, "pes": _pes, "evograd": _evograd, "bmg": _bmg}
 assert tuple(ESTIMATOR_FUNCTIONS) == ESTIMATORS
 
 

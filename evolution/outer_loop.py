@@ -36,6 +36,7 @@ from workers.horizon import horizon
 from workers.task_types import Task
 
 SampleFn = Callable[[jax.Array, int, int], Task]  # (key, num_tasks, num_steps) -> task batch
+OUTER_OPTIMIZERS = ("adam", "optimistic")
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,12 @@ class OuterLoopConfig:
     curriculum_every_inner_steps: int = 0  # instead of meta-steps: inner steps consumed between increments
     validate_every: int = 0
     validate_every_inner_steps: int = 0
+    outer_optimizer: str = "adam"  # "adam" | "optimistic" (optimistic gradient descent, see optimizer())
 
     def __post_init__(self) -> None:
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise ValueError(f"outer loop outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, "
+                             f"got {self.outer_optimizer!r}")
         checks = [
             ("learning_rate", self.learning_rate > 0), ("clip_norm", self.clip_norm > 0),
             ("num_meta_steps", self.num_meta_steps >= 1), ("tasks_per_step", self.tasks_per_step >= 1),
@@ -82,7 +87,16 @@ class OuterLoopConfig:
 
 
 def optimizer(config: OuterLoopConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then Adam (the paper's outer optimizer)."""
+    """Clip by global norm, then Adam (the paper's outer optimizer) or optimistic gradient descent.
+
+    ``optimistic`` (optimistic meta-gradients, Flennerhag et al. 2023: acceleration needs optimism, a
+    prediction of the next meta-gradient): optax's optimistic gradient descent,
+    ``v_{t+1} = v_t − η(2 g_t − g_{t−1})`` (alpha = beta = 1; the first step has g_{−1} = g_0), i.e. a step
+    along the current estimate plus the look-ahead ``g_t − g_{t−1}`` as the predicted change; with the
+    ``bmg`` estimator the bootstrapped target supplies the look-ahead inside each ``g_t``."""
+    if config.outer_optimizer == "optimistic":
+        return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                           optax.optimistic_gradient_descent(config.learning_rate, alpha=1.0, beta=1.0))
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate))
 
 

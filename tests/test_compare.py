@@ -21,17 +21,18 @@ def test_compare_smoke_writes_report_csv_and_plots(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     report = (out / "report.md").read_text()
-    for method in ("CMA-ES", "full backprop", "truncated", "PES", "EvoGrad"):
+    methods = ("CMA-ES", "full backprop", "truncated", "PES", "EvoGrad", "BMG", "optimistic BMG")
+    for method in methods:
         assert method in report and method in printed.out
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {row["method"] for row in rows} >= {"CMA-ES", "full backprop", "truncated", "PES", "EvoGrad"}
+    assert {row["method"] for row in rows} >= set(methods)
     budgets = {row["method"]: float(row["inner_steps"]) for row in rows if "inner_steps" in row and row["inner_steps"]}
     assert budgets and max(budgets.values()) <= 240 * 1.25  # equal inner-step budgets
     assert sorted(p.name for p in out.glob("*.png"))
     memory = {row["method"]: (int(row["temp_bytes_T4"]), int(row["temp_bytes_T16"])) for row in rows
               if row["temp_bytes_T4"]}
     assert memory["full backprop"][1] > 2 * memory["full backprop"][0]  # backprop through the unroll grows
-    for flat in ("CMA-ES", "truncated", "PES", "EvoGrad"):
+    for flat in ("CMA-ES", "truncated", "PES", "EvoGrad", "BMG"):
         assert memory[flat][1] == memory[flat][0]  # the others do not grow with T
 
 

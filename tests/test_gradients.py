@@ -362,3 +362,52 @@ def test_compare_config_parses_the_smoke_file_and_names_bad_keys():
     for data, message in bad:
         with pytest.raises(ConfigError, match=message):
             parse_compare(data)
+
+
+# ------------------------------------------------------------------------------------------- BMG
+
+
+def test_bmg_without_a_target_is_the_plain_meta_gradient():
+    with jax.enable_x64(True):
+        vector = random_rule(jnp.float64)
+        plain = GR.EstimatorConfig("bmg", truncation=NUM_STEPS, bmg_matching="query_loss", bmg_bootstrap=0)
+        bmg = estimate(vector, fresh_state(plain), plain)
+        full = estimate(vector, fresh_state(GR.EstimatorConfig("full")), GR.EstimatorConfig("full"))
+        np.testing.assert_allclose(bmg.loss, full.loss, rtol=1e-12)
+        np.testing.assert_allclose(bmg.grad, full.grad, rtol=1e-10, atol=1e-14)
+        assert GR.done(bmg.state, HORIZON)
+
+
+@pytest.mark.parametrize("matching, target_lr", [("kl", 0.2), ("squared", 0.0)])
+def test_bmg_matching_loss_gradient_matches_finite_differences(matching, target_lr):
+    with jax.enable_x64(True):
+        vector = random_rule(jnp.float64)
+        estimator = GR.EstimatorConfig("bmg", truncation=3, bmg_bootstrap=3, bmg_matching=matching,
+                                       bmg_target_lr=target_lr)
+        state = fresh_state(estimator)
+        result = estimate(vector, state, estimator)
+        args = (TASKS, state.synapses, 0, 3, NUM_STEPS, HORIZON, estimator)
+        _, (_, targets) = GR.bmg_objective(SPEC, vector, *args)  # the target built at the current genome
+        fixed = jax.jit(lambda v: GR.bmg_objective(SPEC, v, *args, targets=targets)[0])
+        numeric = central_differences(fixed, vector)  # the matching loss with its target held fixed
+        assert float(result.loss) > 0 and np.abs(np.asarray(result.grad)).max() > 1e-6
+        np.testing.assert_allclose(result.grad, numeric, rtol=1e-4, atol=1e-9)
+        assert int(result.inner_steps) == (3 + 3) * NUM_TASKS
+    with pytest.raises(ValueError, match="bmg_matching"):
+        GR.EstimatorConfig("bmg", bmg_matching="cosine")
+    with pytest.raises(ValueError, match="bmg_bootstrap"):
+        GR.EstimatorConfig("bmg", bmg_bootstrap=-1)
+
+
+def test_the_optimistic_outer_optimizer_steps_along_twice_the_gradient_minus_the_previous_one():
+    config = OL.OuterLoopConfig(learning_rate=0.1, clip_norm=1e9, outer_optimizer="optimistic")
+    opt = OL.optimizer(config)
+    params = jnp.zeros(3)
+    state = opt.init(params)
+    g0, g1 = jnp.asarray([1.0, 0.0, -1.0]), jnp.asarray([0.5, 2.0, 0.0])
+    u0, state = opt.update(g0, state, params)
+    u1, state = opt.update(g1, state, params)
+    np.testing.assert_allclose(u0, -0.1 * g0, rtol=1e-6)  # no previous gradient yet: g_{-1} = g_0
+    np.testing.assert_allclose(u1, -0.1 * (2 * g1 - g0), rtol=1e-6)
+    with pytest.raises(ValueError, match="outer_optimizer"):
+        OL.OuterLoopConfig(outer_optimizer="lion")
