@@ -368,9 +368,6 @@ def _validate(config: Config) -> None:
                           f"got {curriculum.max_steps}")
     if config.evaluator.kind not in ("local", "ray"):
         raise ConfigError("evaluator.kind: must be 'local' or 'ray'")
-    from evolution.tracking import check_tracking
-
-    check_tracking(config)
     if config.evaluator.kind == "ray":
         try:
             require_extra("ray", "ray", "evaluator.kind: ray")

@@ -31,6 +31,7 @@ from evolution.resources import check_run_config
 from evolution.signals import critical
 from genome.io import failpoint
 from evolution.strategies import make_strategy
+from evolution.tracking import check_tracking
 from workers.engine import aggregate_fitness
 from workers.evaluator import Evaluator, LocalEvaluator
 from workers.horizon import horizon
@@ -230,6 +231,7 @@ class Run:
         estimate = check_run_config(config, spec)
         mean = initial_vector(config, spec)
         check_strategy(config, spec, mean)
+        check_tracking(config)
         lock = lock or rundir.create_run_dir(run_dir)
         try:
             run = cls(config, run_dir, evaluator_fn(config, spec), spec)
@@ -283,6 +285,7 @@ class Run:
                                           "evaluator.* and report.* may change before resuming")
             spec = network_spec(config)
             estimate = check_run_config(config, spec)
+            check_tracking(config)
             strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
                                      strategy_options(config))
             key = rundir.load_run_key(run_id)
