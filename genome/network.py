@@ -316,30 +316,40 @@ def hebbian_update(spec: NetworkSpec, genome: Genome, synapses: Synapses, states
     return Synapses(tuple(forward_blocks), tuple(backward_blocks), synapses.neurons)
 
 
+def _forward_phase(spec: NetworkSpec, genome: Genome, synapses: Synapses,
+                   x: jax.Array) -> tuple[Synapses, list[jax.Array]]:
+    """The part of every step before the feedback: normalization at the start, the forward pass and the
+    forward-pass Hebbian update. Returns (synapses, forward states)."""
+    synapses = normalize_at_start(spec, synapses)
+    forward_states = forward(spec, genome, synapses, x)
+    if spec.forward_synapse_update:
+        synapses = hebbian_update(spec, genome, synapses, forward_states, genes_of=forward_genes)
+    return synapses, forward_states
+
+
+def _carry(spec: NetworkSpec, synapses: Synapses, states: list[jax.Array]) -> Synapses:
+    """``zero_out_neurons = False``: the step's final neuron states persist into the next step."""
+    return synapses if spec.zero_out_neurons else synapses._replace(neurons=tuple(states))
+
+
 def step_states(
     spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array, t=0
 ) -> tuple[Synapses, list[jax.Array]]:
     """One inner learning step (inner step index ``t``); also returns the final neuron states (for
     inspection and tests): after the backward pass, or after the forward pass on a forward-only step."""
-    synapses = normalize_at_start(spec, synapses)
-    forward_states = forward(spec, genome, synapses, x)
-    if spec.forward_synapse_update:
-        synapses = hebbian_update(spec, genome, synapses, forward_states, genes_of=forward_genes)
-
-    def carry(synapses, states):  # zero_out_neurons = False: the neurons persist into the next step
-        return (synapses if spec.zero_out_neurons else synapses._replace(neurons=tuple(states))), states
+    synapses, forward_states = _forward_phase(spec, genome, synapses, x)
 
     def supervised(synapses):
         states = list(forward_states)
         states[-1] = feedback(spec, states[-1], y)
         states = backward(spec, genome, synapses, states)
         pre = forward_states if spec.use_forward_activations_for_synapse_update else None
-        return carry(hebbian_update(spec, genome, synapses, states, pre), states)
+        return _carry(spec, hebbian_update(spec, genome, synapses, states, pre), states), states
 
     if spec.supervised_every == 1:
         return supervised(synapses)
     return jax.lax.cond(jnp.asarray(t) % spec.supervised_every == 0, supervised,
-                        lambda synapses: carry(synapses, list(forward_states)), synapses)
+                        lambda synapses: (_carry(spec, synapses, forward_states), list(forward_states)), synapses)
 
 
 def has_forward_only_effects(spec: NetworkSpec) -> bool:
@@ -350,13 +360,10 @@ def has_forward_only_effects(spec: NetworkSpec) -> bool:
 
 def forward_only_step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> Synapses:
     """A step without feedback and backward pass (the published ``network_step`` with both backward flags
-    off, as its unroll runs the last support batch): normalization at the start, forward pass, the
-    forward-pass Hebbian update; carried neurons become the forward states."""
-    synapses = normalize_at_start(spec, synapses)
-    states = forward(spec, genome, synapses, x)
-    if spec.forward_synapse_update:
-        synapses = hebbian_update(spec, genome, synapses, states, genes_of=forward_genes)
-    return synapses if spec.zero_out_neurons else synapses._replace(neurons=tuple(states))
+    off, as its unroll runs the last support batch): :func:`_forward_phase`; carried neurons become the
+    forward states."""
+    synapses, states = _forward_phase(spec, genome, synapses, x)
+    return _carry(spec, synapses, states)
 
 
 def step(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array, y: jax.Array, t=0) -> Synapses:
