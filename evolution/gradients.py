@@ -155,9 +155,8 @@ def window_loss(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses: G
         syn = unroll(spec, genome, syn, task, start, length, stop, remat)
         scored = syn
         if horizon is not None and G.has_forward_only_effects(spec) and horizon.skip_last_update:
-            finished = finish_unroll(spec, genome, syn, task, horizon)
-            at_end = start + length >= num_updates(horizon)
-            scored = jax.tree.map(lambda f, s: jnp.where(at_end, f, s), finished, syn)
+            at_end = start + length >= num_updates(horizon)  # only the unroll's last window is finished
+            scored = jax.lax.cond(at_end, lambda s: finish_unroll(spec, genome, s, task, horizon), lambda s: s, syn)
         return query_loss(spec, genome, scored, task), syn
 
     losses, end = jax.vmap(one)(tasks, synapses)
