@@ -33,6 +33,8 @@ CHECKPOINT_FORMAT = "blur-evolve-checkpoint-2"
 # runs, the final report); every other key fixes the trajectory and must match the checkpoint
 RESUME_EDITABLE = ("run.generations", "run.max_evaluations", "run.max_wall_time", "run.target_fitness",
                    "run.checkpoint_every", "evaluator", "report", "tracking")
+#: keys under RESUME_EDITABLE that still belong to the identity: they change the numbers a run computes
+RESUME_FIXED = ("evaluator.backend",)
 
 
 class CheckpointError(UserError):
@@ -69,7 +71,7 @@ def config_identity(config) -> dict[str, Any]:
 
     walk(config_to_dict(config) if dataclasses.is_dataclass(config) else config, "")
     return {k: v for k, v in sorted(flat.items())
-            if not any(k == e or k.startswith(e + ".") for e in RESUME_EDITABLE)}
+            if k in RESUME_FIXED or not any(k == e or k.startswith(e + ".") for e in RESUME_EDITABLE)}
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

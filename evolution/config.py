@@ -86,6 +86,10 @@ class RunConfig:
 @dataclass(frozen=True)
 class EvaluatorConfig:
     kind: str = "local"  # "local" (in-process) | "ray"
+    # what computes the episodes, in process or in each Ray worker: "jax" (the engine, CPU or GPU) | "torch"
+    # (torch's CPU GEMM, float32 or episode.precision: bfloat16; the plain rule only)
+    backend: str = "jax"
+    torch_compile: bool = True  # backend torch: run the step through torch.compile (false: eager)
     workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -373,6 +377,7 @@ def _validate(config: Config) -> None:
             require_extra("ray", "ray", "evaluator.kind: ray")
         except MissingExtra as error:
             raise ConfigError(str(error)) from None
+    _validate_backend(config)
     unknown = set(config.report.baselines) - {"sgd", "momentum", "adam"}
     if unknown:
         raise ConfigError(f"report.baselines: unknown baseline(s) {sorted(unknown)}; use sgd, momentum, adam")
@@ -409,6 +414,35 @@ def _validate(config: Config) -> None:
         make_strategy(strategy.name, num_dims(spec), strategy.population_size, strategy_options(config))
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"strategy.options: {_first_line(error)}") from None
+
+
+def _validate_backend(config: Config) -> None:
+    """``evaluator.backend`` and ``episode.precision``: what the chosen backend can run (the CPU's bf16 units
+    are checked where the evaluator starts, :class:`workers.evaluator.LocalEvaluator`)."""
+    backend, precision = config.evaluator.backend, config.episode.precision
+    if backend not in ("jax", "torch"):
+        raise ConfigError(f"evaluator.backend: must be 'jax' or 'torch', got {backend!r}")
+    if backend == "jax":
+        if precision != "float32":
+            raise ConfigError(f"episode.precision: {precision} runs on evaluator.backend: torch (the JAX engine "
+                              "evaluates in float32: its CPU backend has no fast bf16 GEMM)")
+        return
+    try:
+        require_extra("torch", "torch", "evaluator.backend: torch")
+    except MissingExtra as error:
+        raise ConfigError(str(error)) from None
+    from workers.torch_engine import check_support
+
+    if config.strategy.name in TRUNCATION_AWARE:
+        raise ConfigError(f"evaluator.backend: torch does not run the truncated windows of {config.strategy.name}; "
+                          "use evaluator.backend: jax")
+    if config.evaluator.gpus_per_worker > 0:
+        raise ConfigError("evaluator.gpus_per_worker: the torch backend runs on CPU; use evaluator.backend: jax "
+                          "for GPU workers")
+    try:
+        check_support(config.network_spec(2, 2))
+    except (ValueError, SpecError) as error:
+        raise ConfigError(f"network: {_first_line(error)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ YAML

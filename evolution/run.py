@@ -282,7 +282,8 @@ class Run:
                     raise CheckpointError(f"{run_dir / 'config.yaml'}: {', '.join(changed[:4])} differ from the "
                                           "config the checkpoint was written under; only run.generations, "
                                           "max_evaluations, max_wall_time, target_fitness, checkpoint_every, "
-                                          "evaluator.* and report.* may change before resuming")
+                                          "evaluator.* (but evaluator.backend) and report.* may change before "
+                                          "resuming")
             spec = network_spec(config)
             estimate = check_run_config(config, spec)
             check_tracking(config)
@@ -561,4 +562,5 @@ def _checked_counters(checkpoint, config: Config, spec: G.NetworkSpec) -> RunSta
 
 
 def local_evaluator(config: Config, spec: G.NetworkSpec) -> Evaluator:
-    return LocalEvaluator(spec, config.task, config.episode)
+    return LocalEvaluator(spec, config.task, config.episode, config.evaluator.backend,
+                          config.evaluator.torch_compile)

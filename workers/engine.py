@@ -28,6 +28,9 @@ from workers.unroll import (EpisodeResult, Horizon, Scoring, finish_unroll, init
                             score, unroll)
 
 
+#: ``episode.precision`` values (bfloat16: :mod:`workers.torch_engine` only)
+PRECISIONS = ("float32", "bfloat16")
+
 
 @dataclass(frozen=True)
 class EpisodeConfig:
@@ -38,7 +41,8 @@ class EpisodeConfig:
     curve points are asked for by the caller that records a learning curve).
 
     num_steps: base inner steps T. skip_last_update, curve_steps: see :class:`Horizon`; fitness,
-    aggregate, quantile, max_loss: see :class:`Scoring`.
+    aggregate, quantile, max_loss: see :class:`Scoring`. precision: the arithmetic of the products of the
+    evaluator's episodes, ``float32`` or ``bfloat16`` (the torch backend, :mod:`workers.torch_engine`).
     """
 
     num_steps: int = 10
@@ -48,9 +52,12 @@ class EpisodeConfig:
     quantile: float = 0.5
     max_loss: float = 20.0
     curve_steps: tuple[int, ...] = ()
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "curve_steps", tuple(int(s) for s in self.curve_steps))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         _ = self.scoring  # validates
         self.horizon(curve_steps=self.curve_steps)
 

@@ -61,14 +61,32 @@ def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
     )
 
 
-class LocalEvaluator:
-    """In-process evaluator: the jit/vmap engine on the local default device (CPU or GPU)."""
+BACKENDS = ("jax", "torch")
 
-    def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: engine.EpisodeConfig):
+
+class LocalEvaluator:
+    """In-process evaluator: the jit/vmap engine on the local default device (CPU or GPU), or with
+    ``backend="torch"`` the same episodes on torch's CPU GEMM (:mod:`workers.torch_engine`, fp32 or bf16 as
+    ``episode_config.precision`` says; ``compiled``: through ``torch.compile``)."""
+
+    def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: engine.EpisodeConfig,
+                 backend: str = "jax", compiled: bool = True):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if backend == "jax" and episode_config.precision != "float32":
+            raise ValueError(f"episode.precision: {episode_config.precision} runs on evaluator.backend: torch "
+                             "(the JAX engine evaluates in float32)")
         self.spec = spec
         self.task_config = task_config
         self.episode_config = episode_config
         self.scoring = episode_config.scoring
+        self.backend, self.compiled = backend, bool(compiled)
+        if backend == "torch":
+            from workers import torch_engine
+
+            torch_engine.check_support(spec)
+            torch_engine.check_precision(episode_config.precision)
+            self._torch = torch_engine
         self._families: dict[str, TaskFamily] = {}
         self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
@@ -87,9 +105,15 @@ class LocalEvaluator:
     def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int) -> Evaluation:
         start = time.perf_counter()
         tasks = self.family(split).sample(task_key, num_tasks, num_steps)
-        result = engine.evaluate(self.spec, jnp.asarray(vectors, jnp.float32), tasks,
-                                 synapse_keys(task_key, num_tasks), self.scoring,
-                                 self.episode_config.horizon(num_steps))
+        if self.backend == "torch":
+            result = self._torch.evaluate(self.spec, np.asarray(vectors, np.float32), tasks,
+                                          synapse_keys(task_key, num_tasks), self.scoring,
+                                          self.episode_config.horizon(num_steps), self.episode_config.precision,
+                                          self.compiled)
+        else:
+            result = engine.evaluate(self.spec, jnp.asarray(vectors, jnp.float32), tasks,
+                                     synapse_keys(task_key, num_tasks), self.scoring,
+                                     self.episode_config.horizon(num_steps))
         out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,
                                                    result.diverged)))
         self.eval_seconds += time.perf_counter() - start
@@ -100,6 +124,8 @@ class LocalEvaluator:
         """Partial unrolls of truncation-aware strategies (see :func:`engine.evaluate_window`): the unroll's
         tasks are ``sample(task_key, num_tasks, unroll_length)``, the same whatever the window;
         ``synapses=None`` starts every candidate from the tasks' fresh synapses."""
+        if self.backend != "jax":
+            raise ValueError("truncated unrolls (evaluate_window) run on the JAX engine; use evaluator.backend: jax")
         start_time = time.perf_counter()
         tasks = self._unroll_tasks(split, task_key, num_tasks, unroll_length)
         vectors = jnp.asarray(vectors, jnp.float32)
@@ -120,7 +146,10 @@ class LocalEvaluator:
         return self._window_tasks[1]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "devices": [str(d) for d in jax.devices()]}
+        if self.backend == "torch":
+            return {"kind": "local", **self._torch.describe(self.episode_config.precision),
+                    "torch_compile": self.compiled}
+        return {"kind": "local", "backend": "jax", "precision": "float32", "devices": [str(d) for d in jax.devices()]}
 
     def pop_metrics(self) -> dict[str, Any]:
         return {}  # the run loop measures in-process evaluation time itself

@@ -144,15 +144,16 @@ class _Worker:
     """One actor. Transport only: NumPy in, the in-process evaluator, NumPy out."""
 
     def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: EpisodeConfig,
-                 require_gpu: bool):
+                 require_gpu: bool, backend: str = "jax", compiled: bool = True):
         check_device(require_gpu, jax.default_backend())
-        self._evaluator = LocalEvaluator(spec, task_config, episode_config)
+        self._evaluator = LocalEvaluator(spec, task_config, episode_config, backend, compiled)
         self._evaluator.family("train")  # load the data now: a bad dataset path fails at startup
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "hostname": socket.gethostname(),
                 "node_id": ray.get_runtime_context().get_node_id(), "backend": jax.default_backend(),
-                "device": str(jax.devices()[0]), "threads": os.environ.get("PJRT_NPROC")}
+                "device": str(jax.devices()[0]), "threads": os.environ.get("PJRT_NPROC"),
+                "engine": self._evaluator.describe()}
 
     def evaluate(self, vectors: np.ndarray, unit: WorkUnit) -> ShardResult:
         start = time.perf_counter()
@@ -254,7 +255,8 @@ class RayEvaluator:
     def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: EpisodeConfig, *,
                  num_workers: int = 2, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  address: str | None = None, max_retries: int = 3, max_restarts: int | None = None,
-                 startup_timeout_s: float = 300.0, restart_timeout_s: float = 300.0):
+                 startup_timeout_s: float = 300.0, restart_timeout_s: float = 300.0, backend: str = "jax",
+                 compiled: bool = True):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.spec = spec
@@ -278,7 +280,8 @@ class RayEvaluator:
             self.address = self._init_ray(address)
             options = actor_options(cpus_per_worker, gpus_per_worker, self.max_restarts)
             self._slots = [_Slot(i, _RemoteWorker.options(**options).remote(
-                spec, task_config, self.episode_config, gpus_per_worker > 0)) for i in range(num_workers)]
+                spec, task_config, self.episode_config, gpus_per_worker > 0, backend, compiled))
+                for i in range(num_workers)]
             self._await_startup(startup_timeout_s)
         except BaseException:
             self.close()
@@ -289,7 +292,8 @@ class RayEvaluator:
         """From an ``evolution.config.Config`` (duck-typed: ``task``, ``episode`` and ``evaluator``)."""
         ev = config.evaluator
         return cls(spec, config.task, config.episode, num_workers=ev.workers, cpus_per_worker=ev.cpus_per_worker,
-                   gpus_per_worker=ev.gpus_per_worker, address=ev.ray_address, max_retries=ev.max_retries)
+                   gpus_per_worker=ev.gpus_per_worker, address=ev.ray_address, max_retries=ev.max_retries,
+                   backend=ev.backend, compiled=ev.torch_compile)
 
     # ------------------------------------------------------------------------------------ cluster
     def _init_ray(self, address: str | None) -> str:
