@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--ray", action="store_true", help="also measure Ray with 1 and 2 local workers")
+    p.add_argument("--precision", nargs="+", metavar="RUN", default=[],
+                   help="instead: the best genomes of these runs on the same test tasks in fp32 and bf16, "
+                        "accuracy ± standard error and the paired difference")
+    p.add_argument("--tasks", type=int, default=128, help="test tasks of --precision (default 128)")
     p = sub.add_parser("tasks", help=VERBS["tasks"], description=VERBS["tasks"])
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("runs", help=VERBS["runs"], description=VERBS["runs"])
@@ -398,7 +402,10 @@ def cmd_bench(args) -> int:
         require_extra("ray", "ray", "blur bench --ray")
     from workers.bench import run_bench
 
-    return run_bench(quick=args.quick, as_json=args.json, with_ray=args.ray)
+    if args.tasks < 2:
+        raise UsageError(f"bench: --tasks must be >= 2, got {args.tasks}")
+    return run_bench(quick=args.quick, as_json=args.json, with_ray=args.ray, precision_runs=args.precision,
+                     num_tasks=args.tasks)
 
 
 def cmd_compare(args) -> int:

@@ -90,6 +90,7 @@ class LocalEvaluator:
         self._families: dict[str, TaskFamily] = {}
         self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
+        self.sample_seconds = 0.0  # the part of eval_seconds spent sampling task batches
 
     def family(self, split: str) -> TaskFamily:
         if split not in self._families:
@@ -104,7 +105,8 @@ class LocalEvaluator:
 
     def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int) -> Evaluation:
         start = time.perf_counter()
-        tasks = self.family(split).sample(task_key, num_tasks, num_steps)
+        tasks = jax.block_until_ready(self.family(split).sample(task_key, num_tasks, num_steps))
+        self.sample_seconds += time.perf_counter() - start
         if self.backend == "torch":
             result = self._torch.evaluate(self.spec, np.asarray(vectors, np.float32), tasks,
                                           synapse_keys(task_key, num_tasks), self.scoring,
