@@ -124,5 +124,24 @@ def test_quick_bench_json_has_every_documented_number(capsys):
             value = scale[key]
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, key, value)
         assert scale["memory_ratio_4T"] >= scale["memory_temp_ratio_4T"] - 1e-9  # task data grow with T
+        assert scale["torch_backend_fp32_steps_per_s"] > 0 and scale["torch_backend_compiled"] is False
+        has_bf16 = scale["torch_backend_bf16_steps_per_s"] is not None
+        assert (scale["bf16_vs_fp32"] is not None) == has_bf16 and (not has_bf16 or scale["bf16_vs_fp32"] > 0)
+    paper = results["paper_run"]
+    assert paper["available"] and paper["population"] == B.QUICK_PAPER_POPULATION and paper["num_steps"] == 15
+    assert paper["num_query"] == 2560 and paper["config"].endswith("paper_cmaes.yaml")
+    # the FLOP count of a generation, written out: P·K·(T·canonical step + the query pass of every layer)
+    spec = G.NetworkSpec((196, 512, 10), num_states=2)
+    query = 2 * 2560 * (197 * 512 + 513 * 10) * 2
+    assert paper["flops_per_generation"] == 16 * 1 * (15 * E.canonical_flops(spec, 128) + query)
+    assert paper["predicted_seconds_per_generation"] == pytest.approx(
+        paper["flops_per_generation"] / (paper["gemm_jax_gflops"] * 1e9))
+    assert {"jax_float32", "torch_float32"} <= set(paper["backends"])
+    for name, row in paper["backends"].items():
+        assert row["seconds_per_generation"] > 0 and row["episode_seconds"] > 0, name
+        assert row["seconds_per_generation"] >= row["episode_seconds"] + row["sampling_seconds"] - 1e-9
+        backend, precision = name.split("_")
+        assert row["evaluator"]["backend"] == backend and row["evaluator"]["precision"] == precision
+    assert paper["seconds_per_generation"] == paper["backends"]["jax_float32"]["seconds_per_generation"]
     table = B.format_table(results)
-    assert "engine / GEMM" in table and "memory ratio 4T/T" in table
+    assert "engine / GEMM" in table and "memory ratio 4T/T" in table and "Paper run" in table

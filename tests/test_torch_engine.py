@@ -16,6 +16,7 @@ import pytest
 import genome as G
 from evolution.cli import main
 from workers import engine as E
+from workers.bench import precision_comparison
 from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
@@ -206,3 +207,10 @@ def test_a_torch_run_resumes_exactly_after_kill_9_and_records_its_backend(tmp_pa
     assert resumed.returncode == 0, stderr
     assert metric_rows(out) == metric_rows(full)
     same_genome(full, out)
+    if HAS_BF16:  # blur bench --precision on this run: the same genome on the same tasks, fp32 and bf16
+        comparison = precision_comparison([full], num_tasks=6)["runs"][str(full)]
+        assert comparison["evolved_in"] == "torch float32" and comparison["num_tasks"] == 6
+        assert comparison["torch_minus_jax_fp32"]["max_abs_task_difference"] == 0.0
+        bf16, fp32 = comparison["torch_bfloat16"]["accuracy"], comparison["torch_float32"]["accuracy"]
+        assert comparison["bf16_minus_fp32"]["paired_difference"] == pytest.approx(bf16 - fp32, abs=1e-6)
+        assert 0.0 <= fp32 <= 1.0 and comparison["jax_float32"]["standard_error"] >= 0.0

@@ -35,6 +35,7 @@ import torch
 
 import genome as G
 from genome.torch_population import _TORCH_ACTIVATIONS
+from workers.engine import synapse_bytes
 from workers.task_types import Task
 from workers.unroll import EpisodeResult, Horizon, Scoring, init_task_synapses, num_updates
 
@@ -316,9 +317,7 @@ def _kernels(compiled: bool) -> tuple[Callable, Callable]:
 
 def chunk_size(spec: G.NetworkSpec, num_networks: int) -> int:
     """Networks per chunk: :data:`CHUNK_BYTES` of fp32 synapses, at least one network."""
-    per_network = 4 * spec.num_states * sum((n_in + 1) * n_out + n_out * n_in
-                                            for n_in, n_out in zip(spec.layer_sizes[:-1], spec.layer_sizes[1:]))
-    return max(1, min(num_networks, CHUNK_BYTES // per_network))
+    return max(1, min(num_networks, CHUNK_BYTES // synapse_bytes(spec.layer_sizes, spec.num_states)))
 
 
 @torch.no_grad()
