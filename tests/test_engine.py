@@ -176,3 +176,27 @@ def test_skip_last_update_still_runs_the_published_forward_only_last_step():
     np.testing.assert_allclose(skipped.cross_entropy[0], by_hand, rtol=1e-5)
     loss = GR.meta_loss(spec, vectors[0], tasks, keys, E.Horizon(5, skip_last_update=True))
     np.testing.assert_allclose(loss, np.mean(by_hand), rtol=1e-5)
+
+
+def test_a_population_trained_in_chunks_scores_like_one_trained_at_once(monkeypatch):
+    """Large calls loop over chunks of the population (the last one padded): same episodes, same shapes."""
+    config = (E.Scoring(), E.Horizon(3))
+    tasks = random_tasks(jax.random.key(7), 3, 3)
+    keys = jax.random.split(jax.random.key(8), 3)
+    vectors = population(jax.random.key(9), 7)
+    whole = E.evaluate(SPEC, vectors, tasks, keys, *config)
+    loops = E._evaluate.lower(SPEC, vectors, tasks, keys, *config).as_text().count("stablehlo.while")
+    per_genome = E.synapse_bytes(SPEC.layer_sizes, SPEC.num_states) * 3
+    monkeypatch.setattr(E, "UNCHUNKED_BYTES", 0)
+    monkeypatch.setattr(E, "CHUNK_BYTES", 3 * per_genome)  # 3 chunks of 3 genomes, the last one padded
+    assert E.genomes_per_chunk(SPEC.layer_sizes, SPEC.num_states, 7, 3) == 3
+    E._evaluate.clear_cache()  # the constants are read when the engine is traced
+    chunked = E.evaluate(SPEC, vectors, tasks, keys, *config)
+    chunked_loops = E._evaluate.lower(SPEC, vectors, tasks, keys, *config).as_text().count("stablehlo.while")
+    E._evaluate.clear_cache()
+    assert chunked_loops > loops  # the loop over chunks
+    assert chunked.fitness.shape == (7, 3)
+    np.testing.assert_allclose(chunked.cross_entropy, whole.cross_entropy, rtol=1e-5)
+    np.testing.assert_array_equal(chunked.accuracy, whole.accuracy)
+    monkeypatch.setattr(E, "UNCHUNKED_BYTES", 64 * per_genome)
+    assert E.genomes_per_chunk(SPEC.layer_sizes, SPEC.num_states, 7, 3) == 7  # small calls stay whole

@@ -115,8 +115,8 @@ def test_an_episode_does_not_depend_on_the_rest_of_the_population(monkeypatch):
     spec = SPECS["paper-like"]
     vectors, tasks, keys = _case(spec, population=7)
     full = TE.evaluate(spec, vectors, tasks, keys, E.Scoring(), E.Horizon(4))
-    monkeypatch.setattr(TE, "CHUNK_BYTES", 3 * TE.chunk_size(spec, 1) * 4 * 2 * 230)  # a few networks per chunk
-    assert 1 < TE.chunk_size(spec, 14) < 14
+    monkeypatch.setattr(TE, "CHUNK_BYTES", int(2.5 * E.synapse_bytes(spec.layer_sizes, spec.num_states)))
+    assert TE.chunk_size(spec, 14) == 2 and TE.chunk_size(spec, 5) == 2  # 3 chunks, the last one padded
     chunked = TE.evaluate(spec, vectors, tasks, keys, E.Scoring(), E.Horizon(4))
     part = TE.evaluate(spec, vectors[2:5], tasks, keys, E.Scoring(), E.Horizon(4))
     np.testing.assert_array_equal(chunked.cross_entropy, full.cross_entropy)

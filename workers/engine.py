@@ -103,6 +103,8 @@ def episode(spec: G.NetworkSpec, genome: G.Genome, task: Task, synapse_key: jax.
 
 #: synapse bytes (all blocks, float32) of the networks one chunk of the population trains side by side
 CHUNK_BYTES = 4 << 20
+#: calls whose synapses fit in this many bytes run unchunked (they stay in the last-level cache anyway)
+UNCHUNKED_BYTES = 32 << 20
 
 
 def synapse_bytes(layer_sizes: Sequence[int], num_states: int) -> int:
@@ -113,9 +115,14 @@ def synapse_bytes(layer_sizes: Sequence[int], num_states: int) -> int:
 
 def genomes_per_chunk(layer_sizes: Sequence[int], num_states: int, population: int, num_tasks: int) -> int:
     """Genomes whose ``num_tasks`` episodes run side by side in one step of :func:`evaluate`'s loop over the
-    population: :data:`CHUNK_BYTES` of synapses, at least one genome, at most all of them."""
+    population: all of them when their synapses fit in :data:`UNCHUNKED_BYTES` (every small-network config:
+    bit-identical to an unchunked engine), else about :data:`CHUNK_BYTES` of synapses (at least one genome),
+    evened out over the chunks so that the padding of the last one is less than one chunk's worth."""
     per_genome = synapse_bytes(layer_sizes, num_states) * max(1, num_tasks)
-    return max(1, min(population, CHUNK_BYTES // per_genome))
+    if population * per_genome <= UNCHUNKED_BYTES:
+        return population
+    chunks = -(-population // max(1, CHUNK_BYTES // per_genome))
+    return -(-population // chunks)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))

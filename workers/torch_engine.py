@@ -316,8 +316,10 @@ def _kernels(compiled: bool) -> tuple[Callable, Callable]:
 
 
 def chunk_size(spec: G.NetworkSpec, num_networks: int) -> int:
-    """Networks per chunk: :data:`CHUNK_BYTES` of fp32 synapses, at least one network."""
-    return max(1, min(num_networks, CHUNK_BYTES // synapse_bytes(spec.layer_sizes, spec.num_states)))
+    """Networks per chunk: about :data:`CHUNK_BYTES` of fp32 synapses (at least one network), evened out over
+    the chunks so that padding the last one costs less than one chunk."""
+    chunks = -(-num_networks // max(1, CHUNK_BYTES // synapse_bytes(spec.layer_sizes, spec.num_states)))
+    return -(-num_networks // chunks)
 
 
 @torch.no_grad()
