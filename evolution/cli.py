@@ -400,7 +400,7 @@ def cmd_bench(args) -> int:
     require_extra("torch", "torch", "blur bench")
     if args.ray:
         require_extra("ray", "ray", "blur bench --ray")
-    from workers.bench import run_bench
+    from evolution.benchmarks import run_bench
 
     if args.tasks < 2:
         raise UsageError(f"bench: --tasks must be >= 2, got {args.tasks}")

@@ -115,7 +115,9 @@ def test_ray_section_reports_unavailable_without_workers_ray(monkeypatch):
 
 
 def test_quick_bench_json_has_every_documented_number(capsys):
-    assert B.run_bench(quick=True, as_json=True, with_ray=False) == 0
+    from evolution import benchmarks
+
+    assert benchmarks.run_bench(quick=True, as_json=True, with_ray=False) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["mode"] == "quick" and results["correctness"]["ok"]
     assert set(results["scales"]) == {s.name for s in B.QUICK_SCALES}
@@ -128,7 +130,7 @@ def test_quick_bench_json_has_every_documented_number(capsys):
         has_bf16 = scale["torch_backend_bf16_steps_per_s"] is not None
         assert (scale["bf16_vs_fp32"] is not None) == has_bf16 and (not has_bf16 or scale["bf16_vs_fp32"] > 0)
     paper = results["paper_run"]
-    assert paper["available"] and paper["population"] == B.QUICK_PAPER_POPULATION and paper["num_steps"] == 15
+    assert paper["available"] and paper["population"] == benchmarks.QUICK_PAPER_POPULATION and paper["num_steps"] == 15
     assert paper["num_query"] == 2560 and paper["config"].endswith("paper_cmaes.yaml")
     # the FLOP count of a generation, written out: P·K·(T·canonical step + the query pass of every layer)
     spec = G.NetworkSpec((196, 512, 10), num_states=2)
@@ -143,5 +145,5 @@ def test_quick_bench_json_has_every_documented_number(capsys):
         backend, precision = name.split("_")
         assert row["evaluator"]["backend"] == backend and row["evaluator"]["precision"] == precision
     assert paper["seconds_per_generation"] == paper["backends"]["jax_float32"]["seconds_per_generation"]
-    table = B.format_table(results)
+    table = "\n".join([B.format_table(results), *benchmarks._format_paper_run(paper)])
     assert "engine / GEMM" in table and "memory ratio 4T/T" in table and "Paper run" in table

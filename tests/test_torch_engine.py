@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import genome as G
+from evolution.benchmarks import precision_comparison
 from evolution.cli import main
 from workers import engine as E
-from workers.bench import precision_comparison
 from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
