@@ -74,9 +74,28 @@ def _time_run(config, generations: int, log: Callable[[str], None], label: str) 
             "samples_seconds_per_generation": [r[0] for r in rows], "evaluator": describe}
 
 
+def _child_run(path: str, overrides: list[str], generations: int, label: str) -> dict[str, Any]:
+    from evolution.config import load_config
+
+    def log(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    return _time_run(load_config(path, overrides), generations, log, label)
+
+
+def _time_run_in_child(path: str, overrides: list[str], generations: int, label: str) -> dict[str, Any]:
+    """:func:`_time_run` in a fresh (spawned) process, as ``blur evolve`` runs: one backend per process, so
+    the thread pools of an engine measured before (XLA's, oneDNN's OpenMP) do not compete with it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_child_run, (path, overrides, generations, label))
+
+
 def paper_run(quick: bool, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Seconds per generation of ``configs/paper_cmaes.yaml`` as ``blur evolve`` runs it (P = 80, T = 15, 2560
-    query examples; validation excluded) on every evaluator backend this machine runs, next to the time its
+    query examples; validation excluded; each backend in its own fresh process) on every evaluator backend
+    this machine runs, next to the time its
     canonical FLOP count predicts at the machine's fp32 GEMM rate (measured here). ``quick``: population 16,
     one timed generation, the torch backend eager."""
     from evolution.config import load_config, resolve_config_path
@@ -97,7 +116,7 @@ def paper_run(quick: bool, log: Callable[[str], None] = lambda _: None) -> dict[
         spec = network_spec(config)
         gemm_size = QUICK_GEMM_SIZE if quick else FULL_GEMM_SIZE
         before = _gemm_rates(gemm_size, repeats=5)
-        backends = {name: _time_run(load_config(path, overrides + extra), generations, log, name)
+        backends = {name: _time_run_in_child(str(path), overrides + extra, generations, name)
                     for name, extra in variants}
         after = _gemm_rates(gemm_size, repeats=5)
         # the machine's rate: the better of the measurements before and after the runs (a busy moment only
