@@ -1,8 +1,10 @@
 """Resource estimate before any work starts: peak memory and FLOPs of one evaluation call.
 
-The engine vmaps the (genome, task) episodes of a chunk of the population at once (all of them for small
-networks; :func:`workers.engine.genomes_per_chunk`), so its live memory is that of ``chunk × K`` episodes side
-by side: per episode the synapses (forward and backward blocks, ``k`` states each) held by the
+The engine vmaps every (genome, task) episode of a call at once, so its live memory is that of ``P × K``
+episodes side by side (calls whose synapses exceed 32 MiB run in chunks of the population,
+:func:`workers.engine.genomes_per_chunk`, and need less; the estimate stays the unchunked upper bound, so the
+guard still refuses populations and widths that only a chunked loop could squeeze in — at a run time nobody
+asked for): per episode the synapses (forward and backward blocks, ``k`` states each) held by the
 scan carry, the update and the normalization temporaries (≈ 2 copies), the per-step neuron states of every
 layer (forward, backward, pre-activations, Hebbian factors: ≈ 6 arrays of ``B × n × k``) and the query forward
 pass; plus the task batch itself (``K × (T·B + Q)`` inputs) and the strategy's population. The estimate is
@@ -18,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 from evolution.config import ConfigError
-from workers.engine import genomes_per_chunk
 
 _FLOAT = 4
 _SYNAPSE_COPIES = 2  # the scan carry and the update temporaries
@@ -53,11 +54,7 @@ def estimate(layer_sizes, num_states: int, batch_size: int, num_query: int, num_
     per_episode = _FLOAT * (_SYNAPSE_COPIES * synapses + states + query)
     task_bytes = _FLOAT * tasks * (num_steps * b + q) * (layer_sizes[0] + 1)
     strategy_bytes = 8 * 4 * population * max(genome_dims, 1)  # population, its copies and fitness
-    # the engine trains the population chunk by chunk (workers.engine.genomes_per_chunk): that many genomes'
-    # episodes are live at once; every episode's results are kept
-    live = min(population, genomes_per_chunk(layer_sizes, k, population, tasks))
-    results = 2 * _FLOAT * 8 * population * tasks
-    peak = live * tasks * per_episode + task_bytes + strategy_bytes + results
+    peak = population * tasks * per_episode + task_bytes + strategy_bytes
     step_flops = 0
     for n_in, n_out in pairs:  # forward, backward and two Hebbian products, plus the k × k state mixes
         step_flops += 4 * 2 * b * (n_in + 1) * n_out * k
