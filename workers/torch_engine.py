@@ -114,8 +114,9 @@ class _Genes:
     """The genome fields of a chunk of networks, as torch tensors ``[n, k, k]`` / ``[n, 1, 1, 1]``."""
 
     def __init__(self, genomes: G.Genome, rows: np.ndarray):
+        """``genomes``: every genome's fields as NumPy arrays (converted once per call); ``rows``: the chunk's."""
         def field(name):
-            return torch.from_numpy(np.ascontiguousarray(np.asarray(getattr(genomes, name), np.float32)[rows]))
+            return torch.from_numpy(np.ascontiguousarray(getattr(genomes, name)[rows]))
 
         self.forward_transform = field("forward_transform")
         self.backward_transform = field("backward_transform")
@@ -335,7 +336,8 @@ def evaluate(spec: G.NetworkSpec, vectors, tasks: Task, synapse_keys: jax.Array,
     dtype = PRECISIONS[precision]
     step, query_logits = _kernels(compiled)
     vectors = np.asarray(vectors, np.float32)
-    genomes = jax.vmap(G.unravel, (None, 0))(spec, jax.numpy.asarray(vectors))
+    genomes = jax.tree.map(lambda a: np.asarray(a, np.float32),
+                           jax.vmap(G.unravel, (None, 0))(spec, jax.numpy.asarray(vectors)))
     num_genomes, num_tasks = vectors.shape[0], int(tasks.query_y.shape[0])
     init = init_task_synapses(spec, synapse_keys)
 
