@@ -243,6 +243,8 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "task.crop": (1, 1 << 14, False),
     "task.projection_dim": (1, MAX_WIDTH, False),
     "task.split_seed": (0, 2**32 - 1, False),
+    "task.augment_shift": (0, 1 << 14, False),
+    "task.augment_noise": (0, 1e6, False),
     "episode.num_steps": (1, MAX_STEPS, False),
     "episode.quantile": (0, 1, False),
     "episode.max_loss": (0, None, True),

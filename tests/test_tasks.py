@@ -181,3 +181,103 @@ def test_every_registered_family_is_described():
     assert set(FAMILIES) == {"digits", "fashion_mnist", "mnist", "idx", "mnist1d", "toy2d", "teacher_student"}
     for info in FAMILIES.values():
         assert info.description and all(hasattr(TaskConfig(), option) for option in info.options)
+
+
+# ------------------------------------------------------------------------------------- meta-augmentation
+
+AUGMENTED = dict(family="digits", batch_size=8, num_query=12)
+
+
+def _shift_image(x: np.ndarray, side: int, dr: int, dc: int) -> np.ndarray:
+    """NumPy reference of a zero-filled 2-D shift of flattened side x side images."""
+    images = x.reshape(x.shape[:-1] + (side, side))
+    out = np.zeros_like(images)
+    rows_to, rows_from = slice(max(dr, 0), side + min(dr, 0)), slice(max(-dr, 0), side - max(dr, 0))
+    cols_to, cols_from = slice(max(dc, 0), side + min(dc, 0)), slice(max(-dc, 0), side - max(dc, 0))
+    out[..., rows_to, cols_to] = images[..., rows_from, cols_from]
+    return out.reshape(x.shape)
+
+
+def test_augmented_tasks_are_the_plain_tasks_transformed_by_their_own_draw():
+    plain = make_family(TaskConfig(**AUGMENTED), "train")
+    augmented = make_family(TaskConfig(**AUGMENTED, augment_shift=2, augment_permute=True, augment_sign_flip=True),
+                            "train")
+    key = jax.random.key(3)
+    a, b = plain.sample(key, 4, NUM_STEPS), augmented.sample(key, 4, NUM_STEPS)
+    draws = [augmented.augmentation(key, i) for i in range(4)]
+    for i, draw in enumerate(draws):
+        dr, dc = (int(v) for v in draw.shift)
+        perm, signs = np.asarray(draw.permutation), np.asarray(draw.signs)
+        for plain_x, aug_x in ((a.support_x[i], b.support_x[i]), (a.query_x[i], b.query_x[i])):
+            expected = _shift_image(np.asarray(plain_x), 8, dr, dc)[..., perm] * signs
+            np.testing.assert_array_equal(np.asarray(aug_x), expected)
+        np.testing.assert_array_equal(a.support_y[i], b.support_y[i])  # labels are untouched
+        np.testing.assert_array_equal(a.query_y[i], b.query_y[i])
+    # different tasks get different transforms; the same key gives the same one
+    assert len({np.asarray(d.permutation).tobytes() for d in draws}) == 4
+    assert len({np.asarray(d.signs).tobytes() for d in draws}) == 4
+    again = augmented.sample(key, 4, NUM_STEPS)
+    np.testing.assert_array_equal(np.asarray(again.support_x), np.asarray(b.support_x))
+    np.testing.assert_array_equal(np.asarray(augmented.augmentation(key, 2).permutation),
+                                  np.asarray(draws[2].permutation))
+    assert {tuple(int(v) for v in d.shift) for d in draws} != {(0, 0)}
+
+
+def test_augmentation_never_mixes_train_and_heldout_examples(digits):
+    config = TaskConfig(**AUGMENTED, augment_permute=True, augment_sign_flip=True)
+    train = make_family(config, "train")
+    key = jax.random.key(11)
+    tasks = train.sample(key, 3, NUM_STEPS)
+    train_rows = row_index(train, "support")
+    heldout_rows = set()
+    for split in ("validation", "test"):
+        heldout_rows |= set(row_index(make_family(config, split), "support"))
+        heldout_rows |= set(row_index(make_family(config, split), "query"))
+    for i in range(3):
+        draw = train.augmentation(key, i)
+        perm, signs = np.asarray(draw.permutation), np.asarray(draw.signs)
+        x = np.asarray(tasks.support_x[i]).reshape(-1, train.num_inputs)
+        original = np.zeros_like(x)
+        original[:, perm] = x / signs  # invert x[perm] * signs
+        labels = np.asarray(tasks.support_y[i]).reshape(-1)
+        classes = {}
+        for row, label in zip(original, labels):
+            key_bytes = row.astype(np.float32).tobytes()
+            assert key_bytes in train_rows and key_bytes not in heldout_rows
+            classes.setdefault(int(label), set()).add(train_rows[key_bytes])
+        assert all(len(c) == 1 for c in classes.values())  # one original class per label within a task
+
+
+def test_augmentation_defaults_to_the_meta_train_split_and_noise_is_per_example():
+    noisy = TaskConfig(**AUGMENTED, augment_noise=0.5)
+    plain = TaskConfig(**AUGMENTED)
+    key = jax.random.key(5)
+    for split in ("validation", "test"):  # held-out tasks are the plain ones
+        np.testing.assert_array_equal(np.asarray(make_family(noisy, split).sample(key, 2, NUM_STEPS).query_x),
+                                      np.asarray(make_family(plain, split).sample(key, 2, NUM_STEPS).query_x))
+    everywhere = TaskConfig(**AUGMENTED, augment_noise=0.5, augment_splits="all")
+    diff = (np.asarray(make_family(everywhere, "test").sample(key, 2, NUM_STEPS).support_x)
+            - np.asarray(make_family(plain, "test").sample(key, 2, NUM_STEPS).support_x))
+    assert abs(diff.std() - 0.5) < 0.02 and abs(diff.mean()) < 0.02
+    assert not np.allclose(diff[0, 0, 0], diff[0, 0, 1])  # fresh noise for every example
+
+
+def test_mnist1d_shifts_are_one_dimensional_and_synthetic_families_refuse_them(tmp_path):
+    config = TaskConfig(family="mnist1d", batch_size=4, num_query=6, augment_shift=3, cache_dir=str(tmp_path))
+    family = make_family(config, "train")
+    key = jax.random.key(2)
+    plain = make_family(TaskConfig(family="mnist1d", batch_size=4, num_query=6, cache_dir=str(tmp_path)), "train")
+    draw = family.augmentation(key, 0)
+    assert draw.shift.shape == (1,)
+    s = int(draw.shift[0])
+    x = np.asarray(plain.sample(key, 1, 2).support_x[0])
+    expected = np.zeros_like(x)
+    if s >= 0:
+        expected[..., s:] = x[..., :x.shape[-1] - s]
+    else:
+        expected[..., :s] = x[..., -s:]
+    np.testing.assert_array_equal(np.asarray(family.sample(key, 1, 2).support_x[0]), expected)
+    with pytest.raises(ValueError, match="augment_shift needs image"):
+        TaskConfig(family="toy2d", augment_shift=1)
+    with pytest.raises(ValueError, match="augment_splits"):
+        TaskConfig(family="digits", augment_splits="test")

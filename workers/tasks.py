@@ -9,6 +9,13 @@ permutation), ``num_steps`` support mini-batches (label uniform, then example un
 pool) and ``num_query`` query examples (balanced labels, drawn without replacement from the query pools while
 a class has enough), optionally mapped by a random per-task projection ``x @ P``, ``P ~ N(0, 1/n_in)``.
 
+Meta-augmentation (Rajendran et al. 2020; options ``augment_*``): on top of the label permutation, every task
+of the meta-train split (every split with ``augment_splits: all``) may transform its inputs with one draw
+from its own key, the same for its support and query examples: a small shift (``augment_shift`` pixels,
+zero-filled, 2-D for square images, 1-D otherwise), a permutation of the input dimensions, random sign flips
+of them, then Gaussian noise per example (``augment_noise`` std), then the projection. The transforms act on
+inputs only: a task's classes and examples stay those of its split. :func:`augmentation` returns a task's draw.
+
 Splits never leak by default:
 
 * image / signal datasets (digits, fashion_mnist, mnist, idx, mnist1d): the first 70% of the classes are
@@ -36,7 +43,7 @@ import numpy as np
 from workers import datasets
 from workers.task_types import Task
 
-__all__ = ["FAMILIES", "SPLITS", "FamilyInfo", "TaskConfig", "TaskFamily", "make_family"]
+__all__ = ["FAMILIES", "SPLITS", "Augmentation", "FamilyInfo", "TaskConfig", "TaskFamily", "make_family"]
 
 SPLITS = ("train", "validation", "test")
 _BASE_SEED = 0x5EED  # root of the integer-seeded function/teacher instances
@@ -49,7 +56,8 @@ class FamilyInfo(NamedTuple):
     needs_data_dir: bool = False
 
 
-_IMAGE_OPTIONS = ("resize", "resize_method", "crop", "normalize", "projection_dim", "train_classes",
+_AUGMENT_OPTIONS = ("augment_shift", "augment_permute", "augment_sign_flip", "augment_noise", "augment_splits")
+_IMAGE_OPTIONS = _AUGMENT_OPTIONS + ("resize", "resize_method", "crop", "normalize", "projection_dim", "train_classes",
                   "validation_classes", "test_classes", "validation_source", "test_source", "query_fraction",
                   "split_seed", "allow_overlap")
 FAMILIES: dict[str, FamilyInfo] = {
@@ -64,10 +72,10 @@ FAMILIES: dict[str, FamilyInfo] = {
                           _IMAGE_OPTIONS + ("cache_dir",), 3),
     "toy2d": FamilyInfo("2-D toy functions of the BLUR paper: " + ", ".join(datasets.TOY_FUNCTIONS),
                         ("train_functions", "heldout_functions", "functions", "seed_ranges", "projection_dim",
-                         "allow_overlap"), 2),
+                         "allow_overlap") + _AUGMENT_OPTIONS[1:], 2),
     "teacher_student": FamilyInfo("Gaussian inputs labelled by a random teacher MLP (argmax of n_way outputs)",
                                   ("teacher_input_dim", "teacher_hidden", "seed_ranges", "projection_dim",
-                                   "allow_overlap"), 3),
+                                   "allow_overlap") + _AUGMENT_OPTIONS[1:], 3),
 }
 
 
@@ -85,6 +93,12 @@ class TaskConfig:
     crop: int | None = None
     normalize: str = "standardize"  # "none" | "standardize" (scalar) | "per_feature"
     projection_dim: int | None = None  # random per-task linear projection to this many inputs
+    # meta-augmentation: per-task input transforms drawn from the task key (see the module docstring)
+    augment_shift: int = 0  # largest shift in pixels (image/signal families), each direction
+    augment_permute: bool = False  # a random permutation of the input dimensions
+    augment_sign_flip: bool = False  # a random sign per input dimension
+    augment_noise: float = 0.0  # std of Gaussian noise added to every example
+    augment_splits: str = "train"  # "train" (meta-training tasks only) | "all"
     # class splits (None: first 70% of the classes train, the rest validation and test)
     train_classes: tuple[int, ...] | None = None
     validation_classes: tuple[int, ...] | None = None
@@ -121,6 +135,15 @@ class TaskConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.augment_shift, bool) or not isinstance(self.augment_shift, (int, np.integer)) \
+                or self.augment_shift < 0:
+            raise ValueError(f"augment_shift must be a non-negative integer, got {self.augment_shift!r}")
+        if not (np.isfinite(self.augment_noise) and self.augment_noise >= 0):
+            raise ValueError(f"augment_noise must be a finite number >= 0, got {self.augment_noise!r}")
+        if self.augment_splits not in ("train", "all"):
+            raise ValueError(f"augment_splits must be 'train' or 'all', got {self.augment_splits!r}")
+        if self.augment_shift and self.family in ("toy2d", "teacher_student"):
+            raise ValueError(f"augment_shift needs image or signal inputs; {self.family} has neither")
         if self.resize_method not in ("area", "bilinear"):
             raise ValueError(f"resize_method must be 'area' or 'bilinear', got {self.resize_method!r}")
         if self.normalize not in ("none", "standardize", "per_feature"):
@@ -169,6 +192,16 @@ class _SamplerSpec:
     input_dim: int
     projection_dim: int | None
     teacher_hidden: tuple[int, ...] = ()
+    # meta-augmentation of this split (all off: the task is exactly the unaugmented one)
+    shift: int = 0
+    permute: bool = False
+    sign_flip: bool = False
+    noise: float = 0.0
+    image_side: int | None = None  # inputs are side x side images (2-D shifts); None: 1-D signals
+
+    @property
+    def augmented(self) -> bool:
+        return bool(self.shift or self.permute or self.sign_flip or self.noise)
 
 
 def _sample_pool_task(spec: _SamplerSpec, data: PoolData, key, num_steps: int):
@@ -222,10 +255,68 @@ def _sample_synthetic_task(spec: _SamplerSpec, data: SeedData, key, num_steps: i
             x[num_support:], y[num_support:])
 
 
+_AUGMENT_SALT = 0xA06
+
+
+class Augmentation(NamedTuple):
+    """One task's input transform: ``x -> shift(x)[..., permutation] * signs`` (then noise, projection)."""
+
+    shift: jax.Array  # [2] int32 (rows, columns) for images, [1] for signals
+    permutation: jax.Array  # [D] int32
+    signs: jax.Array  # [D] float32
+
+
+def _augmentation(spec: _SamplerSpec, key) -> Augmentation:
+    shift_key, permute_key, sign_key = jax.random.split(key, 3)
+    dims = spec.input_dim
+    axes = 2 if spec.image_side else 1
+    shift = (jax.random.randint(shift_key, (axes,), -spec.shift, spec.shift + 1) if spec.shift
+             else jnp.zeros((axes,), jnp.int32))
+    permutation = jax.random.permutation(permute_key, dims) if spec.permute else jnp.arange(dims)
+    signs = (jnp.where(jax.random.bernoulli(sign_key, 0.5, (dims,)), 1.0, -1.0) if spec.sign_flip
+             else jnp.ones((dims,)))
+    return Augmentation(shift.astype(jnp.int32), permutation.astype(jnp.int32), signs.astype(jnp.float32))
+
+
+def _shifted(spec: _SamplerSpec, x, shift):
+    """``x [..., D]`` moved by ``shift`` pixels (zero fill): 2-D for side x side images, 1-D otherwise."""
+    if spec.image_side:
+        side = spec.image_side
+        rows, cols = jnp.arange(side) - shift[0], jnp.arange(side) - shift[1]
+        valid = ((rows >= 0) & (rows < side))[:, None] & ((cols >= 0) & (cols < side))[None, :]
+        index = (jnp.clip(rows, 0, side - 1)[:, None] * side + jnp.clip(cols, 0, side - 1)[None, :]).reshape(-1)
+        return x[..., index] * _lead(x, valid.reshape(-1))
+    positions = jnp.arange(x.shape[-1]) - shift[0]
+    valid = (positions >= 0) & (positions < x.shape[-1])
+    return x[..., jnp.clip(positions, 0, x.shape[-1] - 1)] * _lead(x, valid)
+
+
+def _lead(x, v):
+    """``v [D]`` shaped to broadcast against ``x [..., D]`` (explicit ranks)."""
+    return v.astype(x.dtype).reshape((1,) * (x.ndim - 1) + v.shape)
+
+
+def _augment(spec: _SamplerSpec, key, support_x, query_x):
+    transform_key, support_key, query_key = jax.random.split(key, 3)
+    draw = _augmentation(spec, transform_key)
+
+    def apply(x, noise_key):
+        if spec.shift:
+            x = _shifted(spec, x, draw.shift)
+        x = x[..., draw.permutation] * _lead(x, draw.signs)
+        if spec.noise:
+            x = x + spec.noise * datasets.normals_from(datasets.uniforms(noise_key, x.shape))
+        return x
+
+    return apply(support_x, support_key), apply(query_x, query_key)
+
+
 def _sample_task(spec: _SamplerSpec, data, key, num_steps: int) -> Task:
     task_key, projection_key = jax.random.split(key) if spec.projection_dim is not None else (key, None)
     sample_fn = _sample_pool_task if spec.kind == "pool" else _sample_synthetic_task
     support_x, support_y, query_x, query_y = sample_fn(spec, data, task_key, num_steps)
+    if spec.augmented:  # its own key: unaugmented tasks are bit-identical to those of a config without it
+        support_x, query_x = _augment(spec, jax.random.fold_in(key, _AUGMENT_SALT), support_x, query_x)
     if spec.projection_dim is not None:
         # random per-task linear map of the inputs, P ~ N(0, 1/n_in) keeps the input scale
         projection = datasets.normals_from(datasets.uniforms(projection_key, (spec.input_dim, spec.projection_dim)))
@@ -277,6 +368,14 @@ class TaskFamily:
         """``num_tasks`` tasks with ``num_steps`` support batches; task i is a function of fold_in(key, i)."""
         return _sample_batch(self.sampler, self.data, key, num_tasks=int(num_tasks), num_steps=int(num_steps))
 
+    def augmentation(self, key: jax.Array, index: int) -> Augmentation | None:
+        """The input transform of task ``index`` of ``sample(key, ...)`` (None when this split has none)."""
+        if not self.sampler.augmented:
+            return None
+        task_key = jax.random.fold_in(key, index)
+        transform_key = jax.random.split(jax.random.fold_in(task_key, _AUGMENT_SALT), 3)[0]
+        return _augmentation(self.sampler, transform_key)
+
     def sample_one(self, key: jax.Array, index, num_steps: int) -> Task:
         """Task ``index`` of ``sample(key, ...)`` alone, without the leading axis (``index`` may be traced)."""
         return _sample_single(self.sampler, self.data, key, jnp.asarray(index, jnp.int32), num_steps=int(num_steps))
@@ -298,6 +397,15 @@ def make_family(config: TaskConfig, split: str) -> TaskFamily:
     if config.family == "teacher_student":
         return _make_teacher_family(config, split)
     return _make_pool_family(config, split)
+
+
+def _augment_fields(config: TaskConfig, split: str, image_side: int | None) -> dict[str, Any]:
+    """The sampler's augmentation of ``split`` (none for held-out splits unless ``augment_splits: all``)."""
+    if split != "train" and config.augment_splits != "all":
+        return {}
+    return {"shift": int(config.augment_shift), "permute": bool(config.augment_permute),
+            "sign_flip": bool(config.augment_sign_flip), "noise": float(config.augment_noise),
+            "image_side": image_side}
 
 
 def _check_disjoint(named: dict[str, tuple], what: str, allow_overlap: bool) -> None:
@@ -337,7 +445,8 @@ def _make_toy_family(config: TaskConfig, split: str) -> TaskFamily:
     seed_range = _seed_ranges(config)[split]
     data = SeedData(jnp.asarray([names.index(n) for n in per_split[split]], jnp.int32),
                     jnp.asarray(seed_range, jnp.int32))
-    spec = _SamplerSpec("toy2d", 2, config.batch_size, config.num_query, 2, config.projection_dim)
+    spec = _SamplerSpec("toy2d", 2, config.batch_size, config.num_query, 2, config.projection_dim,
+                        **_augment_fields(config, split, None))
     return TaskFamily(config, split, config.projection_dim or 2, 2, (0, 1), data, spec,
                       functions=tuple(per_split[split]), seed_range=seed_range)
 
@@ -347,7 +456,7 @@ def _make_teacher_family(config: TaskConfig, split: str) -> TaskFamily:
     seed_range = _seed_ranges(config)[split]
     data = SeedData(jnp.zeros((1,), jnp.int32), jnp.asarray(seed_range, jnp.int32))
     spec = _SamplerSpec("teacher", n_way, config.batch_size, config.num_query, input_dim, config.projection_dim,
-                        config.teacher_hidden)
+                        config.teacher_hidden, **_augment_fields(config, split, None))
     return TaskFamily(config, split, config.projection_dim or input_dim, n_way, tuple(range(n_way)), data, spec,
                       seed_range=seed_range)
 
@@ -459,7 +568,10 @@ def _make_pool_family(config: TaskConfig, split: str) -> TaskFamily:
                     jnp.asarray(pool(query_ids)), jnp.asarray((query_ids >= 0).sum(1), jnp.int32))
     input_dim = data.support_x.shape[-1]
     n_way = config.resolved_n_way
-    spec = _SamplerSpec("pool", n_way, config.batch_size, config.num_query, input_dim, config.projection_dim)
+    side = int(round(np.sqrt(input_dim)))
+    image_side = side if config.family != "mnist1d" and side * side == input_dim else None
+    spec = _SamplerSpec("pool", n_way, config.batch_size, config.num_query, input_dim, config.projection_dim,
+                        **_augment_fields(config, split, image_side))
     return TaskFamily(config, split, config.projection_dim or input_dim, n_way, classes, data, spec,
                       source=source, support_ids=support_ids, query_ids=query_ids,
                       normalization=(np.asarray(mean, np.float32), np.asarray(std, np.float32)))
