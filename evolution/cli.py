@@ -185,7 +185,9 @@ def _evaluator_fn():
         if config.evaluator.kind == "ray":
             from workers.ray import RayEvaluator
 
-            return RayEvaluator.from_config(spec, config)
+            from evolution.run import evaluator_settings
+
+            return RayEvaluator.from_config(spec, config, evaluator_settings(config))
         from evolution.run import local_evaluator
 
         return local_evaluator(config, spec)

@@ -71,6 +71,21 @@ class CurriculumConfig:
 
 
 @dataclass(frozen=True)
+class SettingConfig:
+    """One entry of ``settings:`` (meta-training) or ``report.settings:`` (held-out): overrides of the task
+    section, the hidden widths and the horizon (see :mod:`evolution.settings`)."""
+
+    name: str | None = None  # default: family-Nway-widths-T
+    weight: float = 1.0
+    task: dict[str, Any] = field(default_factory=dict)  # keys of the task section
+    hidden_sizes: tuple[int, ...] | None = None  # default: network.hidden_sizes
+    num_steps: int | None = None  # default: episode.num_steps
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.weight, repr(sorted(self.task.items())), self.hidden_sizes, self.num_steps))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     generations: int = 20
     tasks_per_generation: int = 8
@@ -81,6 +96,10 @@ class RunConfig:
     max_wall_time: float | None = None  # seconds
     target_fitness: float | None = None  # stop when the generation's best aggregated fitness reaches it
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    # with a settings list: how many settings each generation evaluates (None: all of them) and how the
+    # settings' fitness is combined (chance | rank | none, see evolution.settings)
+    settings_per_generation: int | None = None
+    setting_normalization: str = "chance"
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,10 @@ class ReportConfig:
     learning_rates: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
     tuning_tasks: int = 16  # validation tasks used to pick each baseline's learning rate
     backprop_genome: bool = True
+    # the generalization report: held-out settings (overrides of the task section, widths) and horizons
+    # (inner steps; empty: the run's own horizon). Empty settings and a single-setting run: the run's task.
+    settings: tuple[SettingConfig, ...] = ()
+    horizons: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,10 +151,13 @@ class Config:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # meta-training across settings (empty: the task, network and episode sections are the one setting)
+    settings: tuple[SettingConfig, ...] = ()
 
-    def network_spec(self, num_inputs: int, num_outputs: int) -> NetworkSpec:
+    def network_spec(self, num_inputs: int, num_outputs: int, hidden_sizes: tuple[int, ...] | None = None) -> NetworkSpec:
         values = dataclasses.asdict(self.network)
-        hidden = values.pop("hidden_sizes")
+        default_hidden = values.pop("hidden_sizes")
+        hidden = default_hidden if hidden_sizes is None else hidden_sizes
         return NetworkSpec(layer_sizes=(num_inputs, *hidden, num_outputs), **values)
 
 
@@ -270,7 +296,42 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "report.test_tasks": (1, MAX_TASKS, False),
     "report.tuning_tasks": (1, MAX_TASKS, False),
     "report.learning_rates[]": (0, 1e6, True),
+    "report.horizons[]": (1, MAX_STEPS, False),
+    "run.settings_per_generation": (1, 4096, False),
 }
+
+
+def resolve_settings(config: Config, which: str = "settings") -> list:
+    """The resolved :class:`evolution.settings.Setting` list of ``config.settings`` (``which="settings"``;
+    empty -> the one setting of the task/network/episode sections) or of ``config.report.settings``
+    (``which="report"``; may be empty). Errors name the setting: ``settings[1].task.n_way: ...``."""
+    from evolution.settings import Setting, check_name, default_name
+
+    entries = config.settings if which == "settings" else config.report.settings
+    prefix = "settings" if which == "settings" else "report.settings"
+    if which == "settings" and not entries:
+        return [Setting(default_name(config.task, config.network.hidden_sizes, config.episode.num_steps), 1.0,
+                        config.task, tuple(config.network.hidden_sizes), config.episode.num_steps)]
+    base = {f.name: getattr(config.task, f.name) for f in dataclasses.fields(TaskConfig)}
+    resolved, names = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{prefix}[{i}]"
+        task = _build(TaskConfig, {**base, **entry.task}, f"{where}.task")
+        check_bounds(task, {k.removeprefix("task."): v for k, v in BOUNDS.items() if k.startswith("task.")})
+        hidden = tuple(entry.hidden_sizes) if entry.hidden_sizes is not None else tuple(config.network.hidden_sizes)
+        for j, width in enumerate(hidden):
+            check_range(f"{where}.hidden_sizes[{j}]", width, 1, MAX_WIDTH)
+        num_steps = entry.num_steps if entry.num_steps is not None else config.episode.num_steps
+        check_range(f"{where}.num_steps", num_steps, 1, MAX_STEPS)
+        if not (math.isfinite(entry.weight) and entry.weight > 0):
+            raise ConfigError(f"{where}.weight: must be a positive finite number, got {entry.weight}")
+        name = entry.name or default_name(task, hidden, num_steps)
+        check_name(name, where)
+        if name in names:
+            raise ConfigError(f"{where}.name: {name!r} is used by another setting; give each a distinct name")
+        names.add(name)
+        resolved.append(Setting(name, float(entry.weight), task, hidden, int(num_steps)))
+    return resolved
 
 
 def _range_text(lo, hi, lo_open) -> str:
@@ -380,6 +441,7 @@ def _validate(config: Config) -> None:
         except MissingExtra as error:
             raise ConfigError(str(error)) from None
     _validate_backend(config)
+    _validate_settings(config)
     unknown = set(config.report.baselines) - {"sgd", "momentum", "adam"}
     if unknown:
         raise ConfigError(f"report.baselines: unknown baseline(s) {sorted(unknown)}; use sgd, momentum, adam")
@@ -416,6 +478,41 @@ def _validate(config: Config) -> None:
         make_strategy(strategy.name, num_dims(spec), strategy.population_size, strategy_options(config))
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"strategy.options: {_first_line(error)}") from None
+
+
+def _validate_settings(config: Config) -> None:
+    """The settings lists: each entry resolves (errors name it), one genome shape for all of them (per-layer
+    genomes need one depth), and the features that assume one fixed task batch are refused with them."""
+    from evolution.settings import NORMALIZATIONS
+
+    if config.run.setting_normalization not in NORMALIZATIONS:
+        raise ConfigError(f"run.setting_normalization: must be one of {', '.join(NORMALIZATIONS)}; got "
+                          f"{config.run.setting_normalization!r}")
+    settings = resolve_settings(config)
+    heldout = resolve_settings(config, "report")
+    if config.network.per_layer_genome:
+        depth = len(settings[0].hidden_sizes)
+        for prefix, entries in (("settings", settings), ("report.settings", heldout)):
+            for i, setting in enumerate(entries):
+                if len(setting.hidden_sizes) != depth:
+                    raise ConfigError(
+                        f"{prefix}[{i}] ({setting.name}): {len(setting.hidden_sizes)} hidden layers, but "
+                        f"network.per_layer_genome ties the genome to {depth} (settings[0]); use one depth or "
+                        "a shared genome")
+    if not config.settings:
+        if config.run.settings_per_generation is not None:
+            raise ConfigError("run.settings_per_generation: needs a settings list")
+        return
+    if config.run.settings_per_generation is not None and config.run.settings_per_generation > len(settings):
+        raise ConfigError(f"run.settings_per_generation: {config.run.settings_per_generation} is more than the "
+                          f"{len(settings)} settings")
+    rules = [("run.curriculum.every", config.run.curriculum.every == 0),
+             ("run.curriculum.every_inner_steps", config.run.curriculum.every_inner_steps == 0),
+             ("strategy.name", config.strategy.name not in TRUNCATION_AWARE)]
+    for key, ok in rules:
+        if not ok:
+            raise ConfigError(f"{key}: not supported with a settings list (each setting has its own fixed horizon "
+                              "and task batch); use one setting or turn it off")
 
 
 def _validate_backend(config: Config) -> None:

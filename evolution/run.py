@@ -69,7 +69,7 @@ def num_steps_at(config: Config, generation: int, inner_steps: int = 0) -> int:
                    curriculum.max_steps)
 
 
-def task_family(task_config, split: str):
+def task_family(task_config, split: str, where: str = "task"):
     """``make_family`` with its value errors (n_way > classes available, bad splits) as ConfigErrors."""
     try:
         return make_family(task_config, split)
@@ -78,17 +78,55 @@ def task_family(task_config, split: str):
 
         if isinstance(error, DatasetError):
             raise
-        raise ConfigError(f"task: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{where}: {str(error).splitlines()[0]}") from None
 
 
 def network_spec(config: Config) -> G.NetworkSpec:
-    family = task_family(config.task, "train")
+    """The network of the run's (first) setting, whose spec best.genome is saved with; every setting and
+    held-out report setting is built (data loaded, splits checked) on the way."""
+    return setting_specs(config)[0][1]
+
+
+def _setting_spec(config: Config, setting, where: str) -> G.NetworkSpec:
+    family = task_family(setting.task, "train", where)
     for split in ("validation", "test"):
-        task_family(config.task, split)
+        task_family(setting.task, split, where)
     try:
-        return config.network_spec(family.num_inputs, family.num_classes)
+        return config.network_spec(family.num_inputs, family.num_classes, setting.hidden_sizes)
     except G.SpecError as error:
         raise ConfigError(f"network: {error}") from None
+
+
+def setting_specs(config: Config) -> list[tuple[Any, G.NetworkSpec]]:
+    """``(Setting, spec)`` of every meta-training setting (one for a config without a settings list). The
+    held-out ``report.settings`` are built too and checked not to test on what the settings meta-train on
+    (same dataset's classes, same toy functions) unless their task sets ``allow_overlap``."""
+    from evolution.config import resolve_settings
+    from evolution.settings import heldout_overlap
+
+    settings = resolve_settings(config)
+    where = "task" if not config.settings else "settings[{}].task"
+    pairs = [(s, _setting_spec(config, s, where.format(i))) for i, s in enumerate(settings)]
+    families = {}
+    for setting in settings:
+        families[setting.task, "train"] = make_family(setting.task, "train")
+    for i, heldout in enumerate(resolve_settings(config, "report")):
+        _setting_spec(config, heldout, f"report.settings[{i}].task")
+        families[heldout.task, "test"] = make_family(heldout.task, "test")
+        reason = None if heldout.task.allow_overlap else heldout_overlap(settings, heldout, families)
+        if reason:
+            raise ConfigError(f"report.settings[{i}] ({heldout.name}): {reason}; set task.allow_overlap: true in "
+                              "that setting if that is intended")
+    return pairs
+
+
+def check_resources(config: Config):
+    """:func:`evolution.resources.check_run_config` for every setting; returns the largest estimate."""
+    pairs = setting_specs(config)
+    if not config.settings:
+        return check_run_config(config, pairs[0][1])
+    estimates = [check_run_config(dataclasses.replace(config, task=s.task), spec, s.num_steps) for s, spec in pairs]
+    return max(estimates, key=lambda e: e.peak_bytes)
 
 
 def check_strategy(config: Config, spec: G.NetworkSpec, mean: np.ndarray):
@@ -200,6 +238,9 @@ class Run:
 
     def __init__(self, config: Config, run_dir: Path, evaluator: Evaluator, spec: G.NetworkSpec):
         self.config, self.run_dir, self.evaluator, self.spec = config, Path(run_dir), evaluator, spec
+        from evolution.config import resolve_settings
+
+        self.settings = resolve_settings(config) if config.settings else None  # None: the one-setting run
         self.strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
                                       strategy_options(config))
         # truncation-aware strategies: every candidate's synapses [P, K, ...] carried across generations
@@ -228,7 +269,7 @@ class Run:
         if lock is None:
             rundir.check_new_run_dir(run_dir)
         spec = network_spec(config)
-        estimate = check_run_config(config, spec)
+        estimate = check_resources(config)
         mean = initial_vector(config, spec)
         check_strategy(config, spec, mean)
         check_tracking(config)
@@ -285,7 +326,7 @@ class Run:
                                           "evaluator.* (but evaluator.backend) and report.* may change before "
                                           "resuming")
             spec = network_spec(config)
-            estimate = check_run_config(config, spec)
+            estimate = check_resources(config)
             check_tracking(config)
             strategy = make_strategy(config.strategy.name, G.num_dims(spec), config.strategy.population_size,
                                      strategy_options(config))
@@ -404,7 +445,10 @@ class Run:
             task_key = generation_keys(config, state.unroll_generation)[1]  # one task batch per unroll
         population, self.strategy_state = self.strategy.ask(ask_key, self.strategy_state)
         eval_start = time.perf_counter()
-        if self.truncated:
+        per_setting = None
+        if self.settings is not None:
+            result, fitness, per_setting = self._evaluate_settings(population, task_key)
+        elif self.truncated:
             result, self.inner = self.evaluator.evaluate_window(
                 population, self.inner, "train", task_key, config.run.tasks_per_generation, num_steps, unroll_start,
                 self.window)
@@ -412,11 +456,15 @@ class Run:
             result = self.evaluator.evaluate(population, "train", task_key, config.run.tasks_per_generation,
                                              num_steps)
         eval_time = time.perf_counter() - eval_start
-        fitness = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), config.episode.scoring))
+        if per_setting is None:
+            fitness = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), config.episode.scoring))
         self.strategy_state = self.strategy.tell(tell_key, population, fitness, self.strategy_state)
         num_episodes = result.fitness.size
         state.evaluations += len(population)
-        state.inner_steps += num_episodes * (self.window if self.truncated else num_steps)
+        if per_setting is not None:
+            state.inner_steps += sum(r.fitness.size * self.settings[i].num_steps for i, r in per_setting.items())
+        else:
+            state.inner_steps += num_episodes * (self.window if self.truncated else num_steps)
         best_index = int(np.argmin(fitness))
         row = {
             "generation": generation,
@@ -433,6 +481,12 @@ class Run:
         }
         if unroll_start is not None:
             row["unroll_start"] = unroll_start
+        if per_setting is not None:
+            row["settings"] = [self.settings[i].name for i in per_setting]
+            for i, r in per_setting.items():
+                name = self.settings[i].name
+                row[f"train_accuracy/{name}"] = float(np.mean(r.accuracy[best_index]))
+                row[f"mean_train_accuracy/{name}"] = float(np.mean(r.accuracy))
         row.update({f"strategy_{k}": v for k, v in self.strategy.info(self.strategy_state).items()})
         if config.run.target_fitness is not None and row["best_fitness"] <= config.run.target_fitness:
             state.stop_reason = "target_fitness"
@@ -467,10 +521,39 @@ class Run:
             self.checkpoint()
         return row
 
+    def _evaluate_settings(self, population, task_key):
+        """One common task batch per chosen setting (``fold_in(task_key, s)``), each reduced over its tasks,
+        combined over the settings (:func:`evolution.settings.combine`). Returns (the results side by side
+        as one Evaluation over all tasks, the combined fitness [P], {setting: Evaluation})."""
+        from evolution import settings as S
+        from workers.evaluator import Evaluation
+
+        config = self.config
+        chosen = S.choose(np.asarray(jax.random.key_data(jax.random.fold_in(task_key, len(self.settings)))).tobytes(),
+                          len(self.settings), config.run.settings_per_generation)
+        per_setting = {s: self.evaluator.evaluate(population, "train", jax.random.fold_in(task_key, s),
+                                                  config.run.tasks_per_generation, self.settings[s].num_steps,
+                                                  setting=s) for s in chosen}
+        fitness = self._combine(per_setting, config.run.setting_normalization)
+        side_by_side = Evaluation(*(np.concatenate([r[f] for r in per_setting.values()], axis=1)
+                                    for f in range(len(Evaluation._fields))))
+        return side_by_side, fitness, per_setting
+
+    def _combine(self, per_setting: dict, normalization: str) -> np.ndarray:
+        from evolution import settings as S
+
+        scoring = self.config.episode.scoring
+        rows = [np.asarray(aggregate_fitness(np.asarray(r.fitness, np.float64), scoring)) for r in per_setting.values()]
+        chosen = [self.settings[s] for s in per_setting]
+        return S.combine(np.stack(rows), [s.weight for s in chosen], normalization,
+                         [S.chance_fitness(scoring.fitness, s.task.resolved_n_way) for s in chosen])
+
     def _validate(self, candidate: np.ndarray, num_steps: int, generation: int) -> dict[str, Any]:
         """Score the distribution mean and the generation's best candidate on fixed held-out tasks."""
         mean = np.asarray(self.strategy.mean(self.strategy_state))
         vectors = np.stack([mean, candidate])
+        if self.settings is not None:
+            return self._validate_settings(vectors, generation)
         result = self.evaluator.evaluate(vectors, "validation", split_key(self.config, _VALIDATION),
                                          self.config.run.validation_tasks, num_steps)
         scores = np.asarray(aggregate_fitness(np.asarray(result.fitness, np.float64), self.config.episode.scoring))
@@ -478,6 +561,25 @@ class Run:
         self._offer_best(vectors[pick], float(scores[pick]), generation)
         return {"val_fitness": float(scores[pick]), "val_accuracy": float(np.mean(result.accuracy[pick])),
                 "val_mean_accuracy": float(np.mean(result.accuracy[0])), "val_source": ("mean", "best")[pick]}
+
+    def _validate_settings(self, vectors: np.ndarray, generation: int) -> dict[str, Any]:
+        """Validation of a multi-setting run: every setting's validation tasks (fixed keys per setting),
+        combined by chance-normalized weighted mean (raw with normalization none); accuracy weighted alike."""
+        config = self.config
+        key = split_key(config, _VALIDATION)
+        per_setting = {s: self.evaluator.evaluate(vectors, "validation", jax.random.fold_in(key, s),
+                                                  config.run.validation_tasks, setting.num_steps, setting=s)
+                       for s, setting in enumerate(self.settings)}
+        normalization = "none" if config.run.setting_normalization == "none" else "chance"
+        scores = self._combine(per_setting, normalization)
+        pick = int(np.argmin(scores))
+        self._offer_best(vectors[pick], float(scores[pick]), generation)
+        weights = np.asarray([s.weight for s in self.settings])
+        accuracy = np.asarray([[np.mean(r.accuracy[p]) for r in per_setting.values()] for p in (0, 1)])
+        row = {"val_fitness": float(scores[pick]), "val_accuracy": float(accuracy[pick] @ weights / weights.sum()),
+               "val_mean_accuracy": float(accuracy[0] @ weights / weights.sum()), "val_source": ("mean", "best")[pick]}
+        row.update({f"val_accuracy/{s.name}": float(accuracy[pick][i]) for i, s in enumerate(self.settings)})
+        return row
 
     def _offer_best(self, vector: np.ndarray, score: float, generation: int) -> None:
         state = self.state
@@ -561,6 +663,13 @@ def _checked_counters(checkpoint, config: Config, spec: G.NetworkSpec) -> RunSta
     return RunState(**counters, best_vector=best)
 
 
+def evaluator_settings(config: Config) -> tuple:
+    """The (spec, task config) pairs an evaluator serves for a multi-setting run (empty otherwise)."""
+    if not config.settings:
+        return ()
+    return tuple((spec, setting.task) for setting, spec in setting_specs(config))
+
+
 def local_evaluator(config: Config, spec: G.NetworkSpec) -> Evaluator:
     return LocalEvaluator(spec, config.task, config.episode, config.evaluator.backend,
-                          config.evaluator.torch_compile)
+                          config.evaluator.torch_compile, evaluator_settings(config))

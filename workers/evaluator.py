@@ -12,7 +12,7 @@ and its initial synapses come from :func:`synapse_keys`, also a function of ``(t
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ class Evaluator(Protocol):
     spec: G.NetworkSpec
 
     def evaluate(self, vectors: np.ndarray, split: str, task_key: jax.Array, num_tasks: int,
-                 num_steps: int) -> Evaluation: ...
+                 num_steps: int, setting: int = 0) -> Evaluation: ...
 
     def describe(self) -> dict[str, Any]:
         """What evaluates (kind, devices, workers) for provenance.json."""
@@ -67,10 +67,15 @@ BACKENDS = ("jax", "torch")
 class LocalEvaluator:
     """In-process evaluator: the jit/vmap engine on the local default device (CPU or GPU), or with
     ``backend="torch"`` the same episodes on torch's CPU GEMM (:mod:`workers.torch_engine`, fp32 or bf16 as
-    ``episode_config.precision`` says; ``compiled``: through ``torch.compile``)."""
+    ``episode_config.precision`` says; ``compiled``: through ``torch.compile``).
+
+    ``settings``: the (spec, task config) pairs of a multi-setting run, as data; ``evaluate(..., setting=s)``
+    evaluates on setting ``s`` (default: the one setting ``(spec, task_config)``). Every setting's compiled
+    engine stays in JAX's cache, so alternating settings never recompiles."""
 
     def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: engine.EpisodeConfig,
-                 backend: str = "jax", compiled: bool = True):
+                 backend: str = "jax", compiled: bool = True,
+                 settings: Sequence[tuple[G.NetworkSpec, TaskConfig]] = ()):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if backend == "jax" and episode_config.precision != "float32":
@@ -78,42 +83,49 @@ class LocalEvaluator:
                              "(the JAX engine evaluates in float32)")
         self.spec = spec
         self.task_config = task_config
+        self.settings = tuple(settings) or ((spec, task_config),)
         self.episode_config = episode_config
         self.scoring = episode_config.scoring
         self.backend, self.compiled = backend, bool(compiled)
         if backend == "torch":
             from workers import torch_engine
 
-            torch_engine.check_support(spec)
+            for setting_spec, _ in self.settings:
+                torch_engine.check_support(setting_spec)
             torch_engine.check_precision(episode_config.precision)
             self._torch = torch_engine
-        self._families: dict[str, TaskFamily] = {}
+        self._families: dict[tuple[str, int], TaskFamily] = {}
         self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
         self.sample_seconds = 0.0  # the part of eval_seconds spent sampling task batches
 
-    def family(self, split: str) -> TaskFamily:
-        if split not in self._families:
-            family = make_family(self.task_config, split)
-            if (family.num_inputs, family.num_classes) != (self.spec.num_inputs, self.spec.num_outputs):
+    def family(self, split: str, setting: int = 0) -> TaskFamily:
+        if (split, setting) not in self._families:
+            if not 0 <= setting < len(self.settings):
+                raise ValueError(f"setting {setting} does not exist (this evaluator has {len(self.settings)})")
+            spec, task_config = self.settings[setting]
+            family = make_family(task_config, split)
+            if (family.num_inputs, family.num_classes) != (spec.num_inputs, spec.num_outputs):
                 raise ValueError(
                     f"task split {split!r} has {family.num_inputs} inputs / {family.num_classes} classes but the "
-                    f"network is {self.spec.layer_sizes}"
+                    f"network is {spec.layer_sizes}"
                 )
-            self._families[split] = family
-        return self._families[split]
+            self._families[split, setting] = family
+        return self._families[split, setting]
 
-    def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int) -> Evaluation:
+    def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int,
+                 setting: int = 0) -> Evaluation:
         start = time.perf_counter()
-        tasks = jax.block_until_ready(self.family(split).sample(task_key, num_tasks, num_steps))
+        tasks = jax.block_until_ready(self.family(split, setting).sample(task_key, num_tasks, num_steps))
         self.sample_seconds += time.perf_counter() - start
+        spec = self.settings[setting][0]
         if self.backend == "torch":
-            result = self._torch.evaluate(self.spec, np.asarray(vectors, np.float32), tasks,
+            result = self._torch.evaluate(spec, np.asarray(vectors, np.float32), tasks,
                                           synapse_keys(task_key, num_tasks), self.scoring,
                                           self.episode_config.horizon(num_steps), self.episode_config.precision,
                                           self.compiled)
         else:
-            result = engine.evaluate(self.spec, jnp.asarray(vectors, jnp.float32), tasks,
+            result = engine.evaluate(spec, jnp.asarray(vectors, jnp.float32), tasks,
                                      synapse_keys(task_key, num_tasks), self.scoring,
                                      self.episode_config.horizon(num_steps))
         out = Evaluation(*(np.asarray(a) for a in (result.fitness, result.accuracy, result.cross_entropy,

@@ -144,10 +144,11 @@ class _Worker:
     """One actor. Transport only: NumPy in, the in-process evaluator, NumPy out."""
 
     def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: EpisodeConfig,
-                 require_gpu: bool, backend: str = "jax", compiled: bool = True):
+                 require_gpu: bool, backend: str = "jax", compiled: bool = True, settings: tuple = ()):
         check_device(require_gpu, jax.default_backend())
-        self._evaluator = LocalEvaluator(spec, task_config, episode_config, backend, compiled)
-        self._evaluator.family("train")  # load the data now: a bad dataset path fails at startup
+        self._evaluator = LocalEvaluator(spec, task_config, episode_config, backend, compiled, settings)
+        for setting in range(len(self._evaluator.settings)):  # load the data now: a bad path fails at startup
+            self._evaluator.family("train", setting)
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "hostname": socket.gethostname(),
@@ -158,7 +159,7 @@ class _Worker:
     def evaluate(self, vectors: np.ndarray, unit: WorkUnit) -> ShardResult:
         start = time.perf_counter()
         result = self._evaluator.evaluate(vectors, unit.split, _unwrap_key(unit.key_data, unit.key_impl),
-                                          unit.num_tasks, unit.num_steps)
+                                          unit.num_tasks, unit.num_steps, unit.setting)
         return ShardResult(tuple(result), time.perf_counter() - start)
 
 
@@ -166,13 +167,15 @@ _RemoteWorker = ray.remote(_Worker)
 
 
 class WorkUnit(NamedTuple):
-    """What one shard's message carries besides its rows: a split, the task key as raw data, K and T."""
+    """What one shard's message carries besides its rows: a split, the task key as raw data, K, T and the
+    setting (an index into the settings every worker was given as data at startup)."""
 
     split: str
     key_data: np.ndarray
     key_impl: str | None
     num_tasks: int
     num_steps: int
+    setting: int = 0
 
 
 class ShardResult(NamedTuple):
@@ -256,11 +259,12 @@ class RayEvaluator:
                  num_workers: int = 2, cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                  address: str | None = None, max_retries: int = 3, max_restarts: int | None = None,
                  startup_timeout_s: float = 300.0, restart_timeout_s: float = 300.0, backend: str = "jax",
-                 compiled: bool = True):
+                 compiled: bool = True, settings: tuple = ()):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.spec = spec
         self.task_config = task_config
+        self.settings = tuple(settings)  # (spec, task config) pairs, shipped to every worker as data
         self.episode_config = episode_config
         self.num_workers = num_workers
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
@@ -280,7 +284,7 @@ class RayEvaluator:
             self.address = self._init_ray(address)
             options = actor_options(cpus_per_worker, gpus_per_worker, self.max_restarts)
             self._slots = [_Slot(i, _RemoteWorker.options(**options).remote(
-                spec, task_config, self.episode_config, gpus_per_worker > 0, backend, compiled))
+                spec, task_config, self.episode_config, gpus_per_worker > 0, backend, compiled, self.settings))
                 for i in range(num_workers)]
             self._await_startup(startup_timeout_s)
         except BaseException:
@@ -288,12 +292,13 @@ class RayEvaluator:
             raise
 
     @classmethod
-    def from_config(cls, spec: G.NetworkSpec, config: Any) -> RayEvaluator:
-        """From an ``evolution.config.Config`` (duck-typed: ``task``, ``episode`` and ``evaluator``)."""
+    def from_config(cls, spec: G.NetworkSpec, config: Any, settings: tuple = ()) -> RayEvaluator:
+        """From an ``evolution.config.Config`` (duck-typed: ``task``, ``episode`` and ``evaluator``);
+        ``settings``: the (spec, task config) pairs of a multi-setting run."""
         ev = config.evaluator
         return cls(spec, config.task, config.episode, num_workers=ev.workers, cpus_per_worker=ev.cpus_per_worker,
                    gpus_per_worker=ev.gpus_per_worker, address=ev.ray_address, max_retries=ev.max_retries,
-                   backend=ev.backend, compiled=ev.torch_compile)
+                   backend=ev.backend, compiled=ev.torch_compile, settings=settings)
 
     # ------------------------------------------------------------------------------------ cluster
     def _init_ray(self, address: str | None) -> str:
@@ -353,7 +358,8 @@ class RayEvaluator:
                     for shard, slot in self._in_flight.items()]
 
     # ----------------------------------------------------------------------------------- evaluate
-    def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int) -> Evaluation:
+    def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int,
+                 setting: int = 0) -> Evaluation:
         if self._closed:
             raise RuntimeError("RayEvaluator is closed")
         start = time.perf_counter()
@@ -362,7 +368,8 @@ class RayEvaluator:
         if not usable:
             raise WorkersLostError(f"all {self.num_workers} Ray workers are lost (restarts exhausted or nodes "
                                    f"gone); last: {self._last_death}")
-        call = _Call(np.asarray(vectors), WorkUnit(split, *_key_message(task_key), int(num_tasks), int(num_steps)),
+        call = _Call(np.asarray(vectors), WorkUnit(split, *_key_message(task_key), int(num_tasks), int(num_steps),
+                                                   int(setting)),
                      len(usable))
         try:
             for shard in range(call.num_shards):
