@@ -27,7 +27,7 @@ import pytest
 
 import genome as G
 from evolution.config import load_config
-from evolution.run import TIMING_KEYS, Run, local_evaluator, network_spec
+from evolution.run import TIMING_KEYS, Run, evaluator_settings, local_evaluator, network_spec
 from workers.evaluator import LocalEvaluator
 from workers.ray import TIMING_METRICS, RayEvaluator, WorkersLostError, actor_options, check_device, connection_mode
 
@@ -224,6 +224,30 @@ class TestOnExistingCluster:
             np.testing.assert_array_equal(a, b)
         provenance = (tmp_path / "ray" / "provenance.json").read_text()
         assert '"kind": "ray"' in provenance and '"num_workers": 2' in provenance
+
+    def test_a_multi_setting_run_on_ray_equals_the_in_process_run(self, head, tmp_path):
+        """Settings travel to the workers as data (specs and task configs); each call names its setting."""
+        settings_config = SMOKE.parents[1] / "tests" / "data" / "settings_smoke.yaml"
+        overrides = ["run.generations=3"]
+        config = load_config(settings_config, overrides + ["evaluator.kind=ray", "evaluator.workers=2",
+                                                           f"evaluator.ray_address={head.address}"])
+        spec = network_spec(config)
+        evaluator = RayEvaluator.from_config(spec, config, evaluator_settings(config))
+        try:
+            ray_run = Run.create(config, tmp_path / "ray", lambda c, s: evaluator)
+            ray_run.run()
+        finally:
+            evaluator.close()
+        local_run = Run.create(load_config(settings_config, overrides), tmp_path / "local", local_evaluator)
+        local_run.run()
+        ray_rows, local_rows = ray_run.metrics.read(), local_run.metrics.read()
+        assert len(ray_rows) == len(local_rows) == 3 and ray_rows[0]["settings"] == ["three-way", "two-way-deep"]
+        for ray_row, local_row in zip(ray_rows, local_rows):
+            for key, value in local_row.items():
+                if key not in TIMING_KEYS:
+                    assert ray_row[key] == value, key
+        local_run.close()
+        ray_run.close()
 
     def test_killing_a_worker_mid_generation_loses_and_changes_nothing(self, smoke):
         config, spec, evaluator = smoke
