@@ -47,6 +47,16 @@ def _verb_list() -> str:
     return "verbs:\n" + "\n".join(f"  {name:<9} {text}" for name, text in VERBS.items())
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
 def _add_evaluator_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="evaluate with N Ray workers (sets evaluator.kind=ray)")
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (fractions allowed)")
@@ -85,12 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help=VERBS["evaluate"], description=VERBS["evaluate"])
     p.add_argument("genome", help="a .genome file, 'backprop' or 'random'")
     p.add_argument("--task", default="digits", help="task family (see `blur tasks`)")
-    p.add_argument("--steps", type=int, default=20, help="inner steps T")
-    p.add_argument("--tasks", type=int, default=16, help="number of held-out tasks")
+    p.add_argument("--steps", type=int, default=20, help="inner steps T (when --horizons is not given)")
+    p.add_argument("--horizons", type=_int_list, metavar="T1,T2,...",
+                   help="horizons to report, e.g. 10,20,40,80 (baselines tuned per horizon)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a held-out setting: task.KEY=VALUE (e.g. task.n_way=10) or network.hidden_sizes=[32,32]")
+    p.add_argument("--tasks", type=int, default=64, help="test tasks per setting and horizon (default 64)")
+    p.add_argument("--tuning-tasks", type=int, default=16, help="validation tasks to tune the baselines on")
     p.add_argument("--split", default="test", choices=("train", "validation", "test"))
     p.add_argument("--n-way", type=int, help="classes per task")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--hidden", type=int, nargs="*", help="hidden widths for backprop/random (default 32)")
+    p.add_argument("--hidden", type=int, nargs="*", help="hidden widths (default: the genome's; 32 for "
+                   "backprop/random)")
     p.add_argument("--data-dir", help="data directory for IDX families")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -233,7 +249,7 @@ def _run_to_end(run, quiet: bool) -> int:
 
 def _run_and_report(run, quiet: bool) -> int:
     from evolution.checkpoint import atomic_write_text
-    from workers.report import format_markdown, format_table
+    from workers.report import format_generalization, format_markdown, format_table, generalization_markdown
     from evolution.run import num_steps_at
     from evolution.signals import Interrupted
 
@@ -279,12 +295,17 @@ def _run_and_report(run, quiet: bool) -> int:
               f"(`blur resume {run.run_dir}` writes the report)", file=sys.stderr)
         error.reported = True
         raise
+    generalization = report.get("kind") == "generalization"
     atomic_write_text(run.run_dir / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(run.run_dir / "report.md", format_markdown(report))
+    atomic_write_text(run.run_dir / "report.md", (generalization_markdown if generalization else format_markdown)(report))
+    if generalization:
+        from evolution.inspect import plot_generalization
+
+        plot_generalization(report, run.run_dir / "generalization.png", f"{run.run_dir.name}: evolved rule")
     if run.tracker is not None:
         run.tracker.log_report(report, run.metrics.read())
     print()
-    print(format_table(report))
+    print((format_generalization if generalization else format_table)(report))
     print(f"\nbest genome: {run.run_dir / 'best.genome'} (generation {state.best_generation}); "
           f"report: {run.run_dir / 'report.md'}")
     return 0
@@ -296,6 +317,19 @@ def _report(run, num_steps: int) -> dict:
 
     config = run.config
     units = report_units(1, config.report.learning_rates, config.report.baselines, config.report.backprop_genome)
+    if config.settings or config.report.settings or config.report.horizons:
+        # the generalization report: the held-out settings (else the meta-training settings' test splits)
+        from evolution.config import resolve_settings
+        from workers.report import generalization_report
+
+        settings = resolve_settings(config, "report") or resolve_settings(config)
+        horizons = list(config.report.horizons) or [num_steps]
+        return generalization_report(
+            run.spec, run.best_genome(), settings, horizons, split_key(config, _TEST),
+            num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
+            learning_rates=config.report.learning_rates, baseline_names=config.report.baselines,
+            include_backprop_genome=config.report.backprop_genome, skip_last_update=config.episode.skip_last_update,
+            progress=Progress("held-out report", units * len(settings) * len(horizons)))
     return compare_on_heldout(
         run.spec, {"evolved rule": run.best_genome()}, config.task, num_steps, split_key(config, _TEST),
         num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
@@ -391,9 +425,12 @@ def cmd_inspect(args) -> int:
 def cmd_evaluate(args) -> int:
     from evolution.inspect import evaluate_genome
 
+    if args.tuning_tasks < 2:
+        raise UsageError(f"evaluate: --tuning-tasks must be >= 2, got {args.tuning_tasks}")
     return evaluate_genome(args.genome, task=args.task, steps=args.steps, num_tasks=args.tasks, split=args.split,
                            n_way=args.n_way, batch_size=args.batch_size, hidden=args.hidden, data_dir=args.data_dir,
-                           seed=args.seed, as_json=args.json, plot=args.plot)
+                           seed=args.seed, as_json=args.json, plot=args.plot, horizons=args.horizons,
+                           overrides=args.overrides, tuning_tasks=args.tuning_tasks)
 
 
 def cmd_bench(args) -> int:

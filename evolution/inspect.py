@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -287,75 +287,128 @@ def curves_figure(report: dict[str, Any], curve_steps: list[int], title: str):
     return fig
 
 
-def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_tasks: int = 16, split: str = "test",
+def _evaluate_overrides(assignments: Sequence[str]) -> tuple[dict[str, Any], tuple[int, ...] | None]:
+    """``--set`` of ``blur evaluate``: ``task.KEY=VALUE`` (any task key) and ``network.hidden_sizes=[...]``."""
+    from evolution.config import ConfigError, apply_override
+
+    data: dict[str, Any] = {}
+    for assignment in assignments:
+        apply_override(data, assignment)
+    unknown = sorted(set(data) - {"task", "network"}) + sorted(f"network.{k}" for k in data.get("network", {})
+                                                             if k != "hidden_sizes")
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}: blur evaluate takes task.* and network.hidden_sizes only")
+    hidden = data.get("network", {}).get("hidden_sizes")
+    return data.get("task", {}), None if hidden is None else hidden
+
+
+def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_tasks: int = 64, split: str = "test",
                     n_way: int | None = None, batch_size: int = 16, hidden: tuple[int, ...] | None = None,
-                    data_dir: str | None = None, seed: int = 0, as_json: bool = False, plot: str | None = None) -> int:
-    """``blur evaluate``: learning curves of ``genome`` (a file, ``backprop`` or ``random``) and of the tuned
-    baselines on held-out tasks; prints a table (or JSON) and optionally writes a PNG. Values are checked
-    here (ConfigError naming the flag), so the library call is as safe as the CLI."""
-    from evolution.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, ConfigError, check_range
-    from workers.report import compare_on_heldout, format_table
+                    data_dir: str | None = None, seed: int = 0, as_json: bool = False, plot: str | None = None,
+                    horizons: Sequence[int] | None = None, overrides: Sequence[str] = (),
+                    tuning_tasks: int = 16) -> int:
+    """``blur evaluate``: the generalization report (:func:`workers.report.generalization_report`) of
+    ``genome`` (a file, ``backprop`` or ``random``) on one setting — the task family ``task`` with the
+    ``--set task.*`` overrides, the hidden widths ``hidden`` / ``--set network.hidden_sizes`` (default: the
+    genome's own) — at each of ``horizons`` (default: ``steps``), against the backprop genome and the tuned
+    baselines. Prints a table (or JSON) and optionally writes a PNG of the learning curves. Values are
+    checked here (ConfigError naming the flag), so the library call is as safe as the CLI."""
+    from evolution.config import (BOUNDS, MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, ConfigError, _build,
+                                  check_bounds, check_range)
     from evolution.resources import check_memory, estimate
     from evolution.run import task_family
+    from evolution.settings import Setting, check_name
+    from workers.report import format_generalization, generalization_report, reshape_spec
     from workers.tasks import FAMILIES, TaskConfig
 
     if task not in FAMILIES:
         raise ConfigError(f"--task: unknown family {task!r}; see `blur tasks`")
+    horizons = [int(h) for h in (horizons or [steps])]
     for flag, value, hi in (("--steps", steps, MAX_STEPS), ("--tasks", num_tasks, MAX_TASKS),
                             ("--batch-size", batch_size, MAX_BATCH), ("--seed", seed, MAX_SEED)):
         check_range(flag, value, 0 if flag == "--seed" else 1, hi)
+    for horizon in horizons:
+        check_range("--horizons", horizon, 1, MAX_STEPS)
     if n_way is not None:
         check_range("--n-way", n_way, 1, 100_000)
+    task_overrides, set_hidden = _evaluate_overrides(overrides)
+    hidden = set_hidden if set_hidden is not None else hidden
     for width in hidden or ():
         check_range("--hidden", width, 1, MAX_WIDTH)
-    try:
-        task_config = TaskConfig(family=task, n_way=n_way, batch_size=batch_size, data_dir=data_dir)
-    except ValueError as error:
-        raise ConfigError(f"--task {task}: {error}") from None
+    base = {"family": task, "n_way": n_way, "batch_size": batch_size, "data_dir": data_dir}
+    task_config = _build(TaskConfig, {**{k: v for k, v in base.items() if v is not None}, **task_overrides}, "task")
+    check_bounds(task_config, {k.removeprefix("task."): v for k, v in BOUNDS.items() if k.startswith("task.")})
     family = task_family(task_config, "train")
     task_family(task_config, split)
-    hidden = tuple(hidden) if hidden else (32,)
-    layer_sizes = (family.num_inputs, *hidden, family.num_classes)
+    task_family(task_config, "validation")
     if genome == "backprop":
-        spec, rule = G.backprop_genome(layer_sizes, 1.0, loss="cross_entropy")
+        layers = (family.num_inputs, *(tuple(hidden) if hidden else (32,)), family.num_classes)
+        spec, rule = G.backprop_genome(layers, 1.0, loss="cross_entropy")
         name = "backprop genome (lr 1)"
     elif genome == "random":
-        spec = G.NetworkSpec(layer_sizes)
+        spec = G.NetworkSpec((family.num_inputs, *(tuple(hidden) if hidden else (32,)), family.num_classes))
         rule = G.random_genome(spec, jax.random.key(seed))
         name = "random genome"
     else:
         spec, rule, _ = G.load(genome)
         name = f"genome {Path(genome).name}"
-        if (spec.num_inputs, spec.num_outputs) != (family.num_inputs, family.num_classes):
-            raise ConfigError(f"{genome}: network {spec.layer_sizes} does not fit task {task} "
-                              f"({family.num_inputs} inputs, {family.num_classes} classes); set --n-way or --task")
+    widths = tuple(hidden) if hidden else tuple(spec.layer_sizes[1:-1])
+    try:
+        spec = reshape_spec(spec, (family.num_inputs, *widths, family.num_classes))
+    except ValueError as error:
+        raise ConfigError(f"{genome}: {error}; set --hidden or network.hidden_sizes to that depth") from None
     check_memory(estimate(spec.layer_sizes, spec.num_states, task_config.batch_size, task_config.num_query,
-                          steps, 4, num_tasks, G.num_dims(spec)),
-                 None, "resources", "--tasks, --steps, --batch-size or the network's widths")
-    curve_steps = sorted(set(range(0, steps + 1, max(1, steps // 20))) | {steps})  # resolves the early rise
+                          max(horizons), 4, num_tasks, G.num_dims(spec)),
+                 None, "resources", "--tasks, --horizons, --batch-size or the network's widths")
+    setting_name = f"{task}-{family.num_classes}way-{'x'.join(map(str, widths))}"
+    check_name(setting_name, "setting")
+    setting = Setting(setting_name, 1.0, task_config, widths, max(horizons))
     from workers import baselines
     from workers.report import Progress, report_units
 
-    units = report_units(1, baselines.DEFAULT_LEARNING_RATES, baselines.OPTIMIZERS, True)
-    report = compare_on_heldout(spec, {name: rule}, task_config, steps,
-                                jax.random.fold_in(jax.random.key(seed), 3), num_test_tasks=num_tasks,
-                                split=split, curve_steps=curve_steps, progress=Progress("evaluate", units))
+    units = len(horizons) * report_units(1, baselines.DEFAULT_LEARNING_RATES, baselines.OPTIMIZERS, True)
+    report = generalization_report(spec, rule, [setting], horizons, jax.random.fold_in(jax.random.key(seed), 3),
+                                   num_test_tasks=num_tasks, num_tuning_tasks=tuning_tasks, rule_name=name, split=split,
+                                   progress=Progress("evaluate", units))
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_table(report))
+        print(format_generalization(report))
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = curves_figure(report, curve_steps, f"{name} on {task} ({split} split)")
-        fig.savefig(plot, dpi=120)
-        plt.close(fig)
+        path = plot_generalization(report, Path(plot), f"{name} on {task}")
         if not as_json:
-            print(f"plot: {plot}")
+            print(f"plot: {path}")
     return 0
+
+
+def generalization_figure(report: dict[str, Any], title: str):
+    """Learning curves of a generalization report: one panel per setting at its longest horizon, mean query
+    accuracy over the cell's test tasks with a band of ± one standard error over tasks, and the chance line."""
+    plt = _pyplot()
+    settings = report["settings"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.5), squeeze=False)
+    for ax, (name, setting) in zip(axes[0], settings.items()):
+        horizon = max(setting["horizons"], key=int)
+        cell = setting["horizons"][horizon]
+        steps = cell["curve_steps"]
+        for method, row in cell["methods"].items():
+            mean, error = np.asarray(row["curve"]), np.asarray(row["curve_stderr"])
+            ax.plot(steps, mean, marker="o", markersize=2.5, label=method)
+            ax.fill_between(steps, mean - error, mean + error, alpha=0.2)
+        ax.axhline(1.0 / setting["n_way"], color="0.5", linewidth=1, linestyle=(0, (4, 4)),
+                   label=f"chance (1/{setting['n_way']})")
+        ax.set_xlabel("inner steps")
+        ax.set_ylabel(f"query accuracy (mean ± s.e. over {cell['num_tasks']} test tasks)")
+        ax.set_title(f"{name}: network {'-'.join(map(str, setting['layer_sizes']))}, T = {horizon}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_generalization(report: dict[str, Any], path: Path, title: str) -> Path:
+    return _save(generalization_figure(report, title), path)
 
 
 def run_status(path: Path) -> dict[str, Any]:
