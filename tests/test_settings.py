@@ -168,3 +168,19 @@ def test_overlap_is_accepted_when_the_heldout_setting_allows_it():
     config = config_from_dict(data)
     assert [s.name for s in resolve_settings(config, "report")] == ["wide"]
     assert len(setting_specs(config)) == 2
+
+
+def test_every_setting_compiles_once_and_stays_warm(tmp_path):
+    from workers.engine import compiled_cache_size
+
+    config = load_config(CONFIG, ["run.generations=4", "run.validation_every=2"])
+    run = Run.create(config, tmp_path / "run", local_evaluator)
+    try:
+        run.step()
+        run.step()  # the first validation compiles the validation shapes of both settings
+        warm = compiled_cache_size()
+        run.step()
+        run.step()
+    finally:
+        run.close()
+    assert compiled_cache_size() == warm
