@@ -305,7 +305,7 @@ def resolve_settings(config: Config, which: str = "settings") -> list:
     """The resolved :class:`evolution.settings.Setting` list of ``config.settings`` (``which="settings"``;
     empty -> the one setting of the task/network/episode sections) or of ``config.report.settings``
     (``which="report"``; may be empty). Errors name the setting: ``settings[1].task.n_way: ...``."""
-    from evolution.settings import Setting, check_name, default_name
+    from evolution.settings import Setting, default_name, valid_name
 
     entries = config.settings if which == "settings" else config.report.settings
     prefix = "settings" if which == "settings" else "report.settings"
@@ -326,7 +326,8 @@ def resolve_settings(config: Config, which: str = "settings") -> list:
         if not (math.isfinite(entry.weight) and entry.weight > 0):
             raise ConfigError(f"{where}.weight: must be a positive finite number, got {entry.weight}")
         name = entry.name or default_name(task, hidden, num_steps)
-        check_name(name, where)
+        if not valid_name(name):
+            raise ConfigError(f"{where}.name: {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
         if name in names:
             raise ConfigError(f"{where}.name: {name!r} is used by another setting; give each a distinct name")
         names.add(name)

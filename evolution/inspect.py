@@ -317,7 +317,7 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
                                   check_bounds, check_range)
     from evolution.resources import check_memory, estimate
     from evolution.run import task_family
-    from evolution.settings import Setting, check_name
+    from evolution.settings import Setting
     from workers.report import format_generalization, generalization_report, reshape_spec
     from workers.tasks import FAMILIES, TaskConfig
 
@@ -361,7 +361,6 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
                           max(horizons), 4, num_tasks, G.num_dims(spec)),
                  None, "resources", "--tasks, --horizons, --batch-size or the network's widths")
     setting_name = f"{task}-{family.num_classes}way-{'x'.join(map(str, widths))}"
-    check_name(setting_name, "setting")
     setting = Setting(setting_name, 1.0, task_config, widths, max(horizons))
     from workers import baselines
     from workers.report import Progress, report_units

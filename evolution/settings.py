@@ -49,11 +49,9 @@ def default_name(task, hidden_sizes: Sequence[int], num_steps: int) -> str:
     return f"{task.family}-{task.resolved_n_way}way-{'x'.join(str(h) for h in hidden_sizes)}-T{num_steps}"
 
 
-def check_name(name: str, where: str) -> None:
-    from evolution.config import ConfigError
-
-    if not _NAME.match(name):
-        raise ConfigError(f"{where}.name: {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+def valid_name(name: str) -> bool:
+    """Setting names appear in metric keys (``val_accuracy/NAME``): 1-64 letters, digits, '_', '.', '-'."""
+    return bool(_NAME.match(name))
 
 
 def chance_fitness(fitness: str, n_way: int) -> float:
