@@ -324,12 +324,14 @@ def _report(run, num_steps: int) -> dict:
 
         settings = resolve_settings(config, "report") or resolve_settings(config)
         horizons = list(config.report.horizons) or [num_steps]
-        return generalization_report(
+        selection = run.selection_check(config.report.test_tasks)
+        report = generalization_report(
             run.spec, run.best_genome(), settings, horizons, split_key(config, _TEST),
             num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
             learning_rates=config.report.learning_rates, baseline_names=config.report.baselines,
             include_backprop_genome=config.report.backprop_genome, skip_last_update=config.episode.skip_last_update,
             progress=Progress("held-out report", units * len(settings) * len(horizons)))
+        return {**report, "selection": selection}
     return compare_on_heldout(
         run.spec, {"evolved rule": run.best_genome()}, config.task, num_steps, split_key(config, _TEST),
         num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,

@@ -38,7 +38,7 @@ from workers.horizon import horizon
 from workers.tasks import make_family
 
 # fold_in salts of the root key
-_GENERATION, _VALIDATION, _TEST, _TUNING = 1, 2, 3, 4
+_GENERATION, _VALIDATION, _TEST, _TUNING, _SELECTION = 1, 2, 3, 4, 5
 # metrics that measure time (they differ between otherwise identical runs; the Ray ones come from workers/ray.py)
 TIMING_KEYS = ("wall_time", "eval_time", "validation_time", "driver_time", "checkpoint_time", "generation_time",
                "ray_eval_time", "ray_dispatch_time", "ray_overhead_time", "ray_worker_episodes_per_s")
@@ -618,6 +618,39 @@ class Run:
         self.state.stop_reason = reason
         self.checkpoint()
         return reason
+
+    def selection_check(self, num_tasks: int) -> dict[str, Any]:
+        """How much the validation score that chose ``best.genome`` overstates it: the best genome's accuracy
+        at selection (the validation row of its generation), on ``num_tasks`` fresh validation tasks and on
+        ``num_tasks`` test tasks of every meta-training setting (weighted like validation). The fresh tasks
+        come from their own key, never used by the run."""
+        settings = self.settings or [None]
+        vector = self.state.best_vector
+        if vector is None:
+            vector = np.asarray(self.strategy.mean(self.strategy_state), np.float32)
+        rows = [r for r in self.metrics.read() if r.get("generation") == self.state.best_generation]
+        at_selection = rows[0].get("val_accuracy") if rows else None
+        out: dict[str, Any] = {"num_tasks": num_tasks, "best_generation": self.state.best_generation,
+                               "validation_accuracy_at_selection": at_selection, "settings": {}}
+        totals = {"validation": 0.0, "test": 0.0}
+        weights = 0.0
+        for s, setting in enumerate(settings):
+            name = setting.name if setting is not None else "task"
+            num_steps = setting.num_steps if setting is not None else num_steps_at(self.config, self.state.generation)
+            weight = setting.weight if setting is not None else 1.0
+            entry = {}
+            for split in ("validation", "test"):
+                key = jax.random.fold_in(jax.random.fold_in(split_key(self.config, _SELECTION), s),
+                                         ("validation", "test").index(split))
+                result = self.evaluator.evaluate(vector[None], split, key, num_tasks, num_steps, setting=s)
+                entry[f"{split}_accuracy"] = float(np.mean(result.accuracy))
+                totals[split] += weight * entry[f"{split}_accuracy"]
+            out["settings"][name] = entry
+            weights += weight
+        out["validation_accuracy"] = totals["validation"] / weights
+        out["test_accuracy"] = totals["test"] / weights
+        out["selection_minus_test"] = None if at_selection is None else at_selection - out["test_accuracy"]
+        return out
 
     def best_genome(self) -> G.Genome:
         vector = self.state.best_vector

@@ -4,6 +4,7 @@ one-line errors naming the setting."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -123,6 +124,21 @@ def test_a_multi_setting_run_resumes_identically_after_kill_9(tmp_path):
     assert metric_rows(out) == metric_rows(full)
     assert {"val_accuracy/three-way", "val_accuracy/two-way-deep"} <= set(metric_rows(full)[2])
     same_genome(full, out)
+    # the end of the run: the generalization report on the held-out setting at both horizons, and the check
+    # of the selection on fresh validation tasks and on test tasks of the meta-training settings
+    report = json.loads((full / "report.json").read_text())
+    assert report["kind"] == "generalization" and list(report["settings"]) == ["wide"]
+    assert set(report["settings"]["wide"]["horizons"]) == {"2", "4"}
+    assert report["settings"]["wide"]["layer_sizes"] == [64, 32, 3]
+    selection = report["selection"]
+    best = [r for r in metric_rows(full) if r["generation"] == selection["best_generation"]][0]
+    assert selection["validation_accuracy_at_selection"] == best["val_accuracy"]
+    assert set(selection["settings"]) == {"three-way", "two-way-deep"}
+    weighted = (selection["settings"]["three-way"]["test_accuracy"]
+                + 2 * selection["settings"]["two-way-deep"]["test_accuracy"]) / 3
+    assert selection["test_accuracy"] == pytest.approx(weighted)
+    assert (full / "generalization.png").stat().st_size > 1000
+    assert "| wide | 64-32-3 | 4 |" in (full / "report.md").read_text()
 
 
 # a held-out setting whose own splits are disjoint but which tests on classes the settings meta-train on

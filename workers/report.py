@@ -331,6 +331,13 @@ def format_generalization(report: dict[str, Any]) -> str:
     lines = [f"Generalization of {rule}: {report['num_test_tasks']} test tasks per cell, learning rates tuned per "
              f"cell on {report['num_tuning_tasks']} validation tasks (* = at the edge of the grid); "
              f"paired difference = {rule} − method over the same tasks"]
+    selection = report.get("selection")
+    if selection:
+        at = selection["validation_accuracy_at_selection"]
+        lines.append(f"selection: best genome of generation {selection['best_generation']}, validation accuracy "
+                     f"{'-' if at is None else f'{at:.3f}'} when chosen, {selection['validation_accuracy']:.3f} on "
+                     f"{selection['num_tasks']} fresh validation tasks and {selection['test_accuracy']:.3f} on as many "
+                     "test tasks of each meta-training setting")
     for name, setting in report["settings"].items():
         for horizon, cell in setting["horizons"].items():
             lines.append(f"\n{name}: {setting['family']} {setting['n_way']}-way, network {setting['layer_sizes']}, "
@@ -364,6 +371,13 @@ def generalization_markdown(report: dict[str, Any]) -> str:
             values.append("-" if diff is None else f"{100 * diff['paired_difference']:+.1f} ± "
                           f"{100 * diff['paired_standard_error']:.1f} pt vs {best} (p={diff['p_value']:.2g})")
             rows.append("| " + " | ".join([name, "-".join(map(str, setting["layer_sizes"])), horizon] + values) + " |")
-    return (f"Generalization of {rule} ({report['num_test_tasks']} test tasks per cell, learning rates tuned per "
+    text = (f"Generalization of {rule} ({report['num_test_tasks']} test tasks per cell, learning rates tuned per "
             "cell on validation tasks, ± standard error over tasks, differences paired per task)\n\n"
             + "\n".join(rows) + "\n")
+    selection = report.get("selection")
+    if selection:
+        at = selection["validation_accuracy_at_selection"]
+        text += ("\nSelection (meta-training settings, weighted): validation accuracy when chosen "
+                 f"{'-' if at is None else f'{at:.3f}'}, on {selection['num_tasks']} fresh validation tasks "
+                 f"{selection['validation_accuracy']:.3f}, on test tasks {selection['test_accuracy']:.3f}\n")
+    return text
