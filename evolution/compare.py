@@ -49,17 +49,20 @@ import numpy as np
 
 import genome as G
 from evolution import gradients as GR
+from evolution import learned_init as LI
 from evolution import outer_loop as OL
 from evolution.config import (MAX_POPULATION, MAX_SEED, MAX_STEPS, MAX_TASKS, Config, ConfigError, apply_override,
                                check_bounds, check_strategy_options, config_from_dict, config_to_dict, read_yaml_file)
-from workers.report import Progress, compare_on_heldout, report_units
+from workers import baselines as BL
+from workers.report import Progress, _summary, compare_on_heldout, report_tasks, report_units
 from evolution.run import Run, initial_vector, local_evaluator, network_spec
 from workers import engine
 from workers.evaluator import synapse_keys
+from workers.horizon import horizon
 from workers.tasks import make_family
 
-METHOD_KINDS = ("es", "gradient")
-_HELDOUT, _GRADIENT, _FINAL = 11, 12, 13  # fold_in salts
+METHOD_KINDS = ("es", "gradient", "learned_init")
+_HELDOUT, _GRADIENT, _FINAL, _LEARNED_INIT = 11, 12, 13, 14  # fold_in salts
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}  # memory analysis only: same buffers, faster compile
 
 
@@ -71,7 +74,9 @@ class MethodConfig:
     strategy section. kind ``gradient``: ``estimator`` (full | truncated | pes | evograd | bmg) with ``options``
     (:class:`evolution.gradients.EstimatorConfig` fields, e.g. truncation, remat, pes_sigma, bmg_bootstrap),
     ``outer_optimizer`` (adam | optimistic), its ``learning_rate`` and ``clip_norm``, ``tasks_per_step`` (default: ``run.tasks_per_generation``) and an
-    unroll curriculum in meta-steps.
+    unroll curriculum in meta-steps. kind ``learned_init``: ``estimator`` imaml | cml meta-learns the
+    initialization of the plain MLP that SGD trains (:mod:`evolution.learned_init`; ``options``: lam,
+    inner_lr, cg_steps, cg_damping, lam_damping, beta, symmetric, activation), Adam at ``learning_rate``.
     """
 
     name: str
@@ -162,6 +167,16 @@ def _method(data: Any, index: int) -> MethodConfig:
             estimator_config(method)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{where}: {error}") from None
+    if method.kind == "learned_init":
+        if method.estimator not in LI.ALGORITHMS:
+            raise ConfigError(f"{where}.estimator: a learned_init method is one of {', '.join(LI.ALGORITHMS)}; "
+                              f"got {method.estimator!r}")
+        if "algorithm" in method.options:
+            raise ConfigError(f"{where}.options.algorithm: the algorithm is the method's estimator")
+        try:
+            LI.check_learned_init({**method.options, "algorithm": method.estimator})
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{where}.{error}") from None
     return method
 
 
@@ -291,6 +306,8 @@ def check_compare_resources(config: Config, compare: CompareConfig) -> None:
     spec = network_spec(config)
     steps = config.episode.num_steps
     for index, method in enumerate(compare.methods):
+        if method.kind == "learned_init":  # an MLP per task: far below the rule's episodes
+            continue
         if method.kind == "es":  # pycma evaluates string options: refused once the strategy name is known
             check_strategy_options(method.strategy or config.strategy.name,
                                    {**config.strategy.options, **method.options}, f"compare.methods[{index}].options")
@@ -375,6 +392,123 @@ def run_gradient(config: Config, compare: CompareConfig, method: MethodConfig, s
             "skipped": result.budget.skipped}
 
 
+def _baseline_activation(spec: G.NetworkSpec) -> str:
+    return spec.forward_activation if spec.forward_activation in BL.ACTIVATIONS else "sigmoid"
+
+
+def learned_init_method(method: MethodConfig, spec: G.NetworkSpec) -> LI.LearnedInit:
+    """The method's :class:`LearnedInit`; the MLP's activation defaults to the SGD baselines' one."""
+    options = {"activation": _baseline_activation(spec), **method.options, "algorithm": method.estimator}
+    return LI.check_learned_init(options)
+
+
+def _sgd_from(weights, tasks, learning_rate: float, layer_sizes, activation: str, skip_last_update: bool):
+    """SGD from the initialization ``weights`` on every task (the baselines' trainer, same steps)."""
+    num_tasks = tasks.query_y.shape[0]
+    init = [jnp.broadcast_to(w, (num_tasks,) + w.shape) for w in weights]
+    return BL.run_baseline("sgd", learning_rate, layer_sizes, tasks, jax.random.key(0), activation=activation,
+                           skip_last_update=skip_last_update, init_weights=init)
+
+
+def run_learned_init(config: Config, compare: CompareConfig, method: MethodConfig, seed: int, spec: G.NetworkSpec,
+                     heldout: HeldOut) -> dict[str, Any]:
+    """iMAML / CML: Adam on the MLP initialization θ with the method's meta-gradient, ``tasks_per_step``
+    train tasks per meta-step, until the inner-step budget is spent (a non-finite meta-gradient stops it as
+    diverged). Held-out curve points: SGD from θ at the method's inner learning rate on the shared held-out
+    tasks."""
+    import optax
+
+    li = learned_init_method(method, spec)
+    layer_sizes = spec.layer_sizes
+    num_steps = config.episode.num_steps
+    tasks_per_step = method.tasks_per_step or config.run.tasks_per_generation
+    key = jax.random.fold_in(jax.random.key(seed), _LEARNED_INIT)
+    init_key, key = jax.random.split(key)
+    theta = BL.init_mlp(init_key, layer_sizes)  # Glorot, as the SGD baselines start
+    optimizer = optax.chain(optax.clip_by_global_norm(method.clip_norm), optax.adam(method.learning_rate))
+    opt_state = optimizer.init(theta)
+    family = make_family(config.task, "train")
+
+    @jax.jit
+    def step(theta, opt_state, tasks):
+        gradient, loss = LI.meta_gradient(li, theta, tasks)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(gradient)])) & jnp.isfinite(loss)
+        updates, new_state = optimizer.update(gradient, opt_state, theta)
+        return optax.apply_updates(theta, updates), new_state, loss, finite
+
+    def measure(weights):
+        result = _sgd_from(weights, heldout.tasks, li.inner_lr, layer_sizes, li.activation,
+                           config.episode.skip_last_update)
+        loss = np.asarray(result["loss"])
+        return float(np.mean(result["accuracy"])), float(np.mean(np.where(np.isfinite(loss), loss, np.nan)))
+
+    start = time.perf_counter()
+    sample = family.sample(jax.random.fold_in(key, 0), tasks_per_step, num_steps)
+    compiled = step.lower(theta, opt_state, sample).compile()
+    compile_time = time.perf_counter() - start
+    accuracy, loss = measure(theta)
+    curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
+    every, inner_steps, wall, meta_step, diverged = _checkpoints(compare), 0, 0.0, 0, False
+    curriculum = config.run.curriculum
+    while inner_steps < compare.inner_step_budget and (compare.max_wall_time is None or wall < compare.max_wall_time):
+        tick = time.perf_counter()
+        # the shared horizon function of the budget (run.curriculum.every_inner_steps), as every other method
+        steps_now = (horizon(num_steps, inner_steps, curriculum.every_inner_steps, curriculum.increment,
+                             curriculum.max_steps) if curriculum.every_inner_steps else num_steps)
+        tasks = family.sample(jax.random.fold_in(key, meta_step), tasks_per_step, steps_now)
+        run_step = compiled if steps_now == num_steps else step  # a new horizon compiles in the timed part
+        new_theta, new_state, _, finite = run_step(theta, opt_state, tasks)
+        finite = bool(finite)
+        wall += time.perf_counter() - tick
+        per_step = tasks_per_step * LI.inner_steps_per_task(li, steps_now)
+        before, inner_steps, meta_step = inner_steps, inner_steps + per_step, meta_step + 1
+        if not finite:
+            diverged = True
+            break
+        theta, opt_state = new_theta, new_state
+        if inner_steps // every > before // every or inner_steps >= compare.inner_step_budget:
+            accuracy, loss = measure(theta)
+            curve.append({"inner_steps": inner_steps, "wall_time": wall, "accuracy": accuracy, "loss": loss,
+                          "num_steps": steps_now, "step_start": before})
+    memory = {}
+    for steps in (num_steps, compare.memory_multiplier * num_steps):
+        tasks = family.sample(jax.random.key(0), tasks_per_step, steps)
+        memory[steps] = GR.compiled_memory(step, theta, opt_state, tasks, compiler_options=_FAST_COMPILE)["temp"]
+    return {"weights": [np.asarray(w) for w in theta], "curve": curve, "inner_steps": inner_steps, "wall_time": wall,
+            "compile_time": compile_time, "memory": memory, "diverged": diverged, "meta_steps": meta_step,
+            "inner_learning_rate": li.inner_lr, "activation": li.activation}
+
+
+def _learned_init_rows(config: Config, spec: G.NetworkSpec, runs: dict, final_key: jax.Array,
+                       progress=None) -> dict[str, dict[str, Any]]:
+    """Final held-out rows of the learned initializations: SGD from each θ with its learning rate tuned on
+    the same validation tasks as the baselines (``report.learning_rates``), scored on the same test tasks."""
+    num_steps = config.episode.num_steps
+    tasks, tuning, _, _ = report_tasks(config.task, num_steps, final_key, config.report.test_tasks,
+                                       config.report.tuning_tasks)
+    rows = {}
+    for name, by_seed in runs.items():
+        for seed, outcome in by_seed.items():
+            if "weights" not in outcome:
+                continue
+            weights = [jnp.asarray(w) for w in outcome["weights"]]
+            activation, skip = outcome["activation"], config.episode.skip_last_update
+            scores = {}
+            for lr in config.report.learning_rates:
+                result = _sgd_from(weights, tuning, lr, spec.layer_sizes, activation, skip)
+                loss = np.asarray(result["loss"], np.float64)
+                scores[float(lr)] = (float(np.mean(result["accuracy"])),
+                                     -float(np.mean(np.where(np.isfinite(loss), loss, np.inf))))
+            best = max(scores, key=scores.get)
+            result = _sgd_from(weights, tasks, best, spec.layer_sizes, activation, skip)
+            rows[f"{name} / seed {seed}"] = {"learning_rate": best, "sweep": {lr: v[0] for lr, v in scores.items()},
+                                             "meta_diverged": outcome["diverged"],
+                                             **_summary(result["accuracy"], result["loss"], None)}
+            if progress is not None:
+                progress(f"{name} / seed {seed}")
+    return rows
+
+
 def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, progress=None) -> dict[str, Any]:
     """Run every (method, seed), then score the final genomes and the tuned baselines; write the outputs.
 
@@ -396,6 +530,8 @@ def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, 
             if method.kind == "es":
                 run_dir = out_dir / "runs" / f"{_slug(method.name)}-seed{seed}"
                 outcome = run_es(config, compare, method, seed, spec, heldout, run_dir)
+            elif method.kind == "learned_init":
+                outcome = run_learned_init(config, compare, method, seed, spec, heldout)
             else:
                 outcome = run_gradient(config, compare, method, seed, spec, heldout, initial)
             runs[method.name][seed] = outcome
@@ -403,7 +539,7 @@ def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, 
                 progress(f"{method.name} seed {seed}: held-out accuracy {outcome['curve'][-1]['accuracy']:.3f} "
                          f"after {outcome['inner_steps']} inner steps ({time.perf_counter() - start:.1f} s)")
     genomes = {f"{name} / seed {seed}": G.unravel(spec, jnp.asarray(outcome["vector"]))
-               for name, by_seed in runs.items() for seed, outcome in by_seed.items()}
+               for name, by_seed in runs.items() for seed, outcome in by_seed.items() if "vector" in outcome}
     baseline_names = config.report.baselines if compare.baselines else ()
     include_backprop = compare.baselines and config.report.backprop_genome
     final = compare_on_heldout(
@@ -413,6 +549,9 @@ def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, 
         include_backprop_genome=include_backprop, skip_last_update=config.episode.skip_last_update,
         progress=Progress("final held-out comparison",
                           report_units(len(genomes), config.report.learning_rates, baseline_names, include_backprop)))
+    learned = _learned_init_rows(config, spec, runs, jax.random.fold_in(jax.random.key(config.seed), _FINAL))
+    final["methods"] = {**{k: v for k, v in final["methods"].items() if " / seed " in k}, **learned,
+                        **{k: v for k, v in final["methods"].items() if " / seed " not in k}}
     summary = _summarize(compare, runs, final)
     _write_outputs(out_dir, config, compare, runs, final, summary, initial)
     return summary
@@ -432,7 +571,7 @@ def _summarize(compare: CompareConfig, runs, final) -> dict[str, Any]:
         steps = sorted(memory)
         methods[method.name] = {
             "kind": method.kind,
-            "detail": method.estimator if method.kind == "gradient" else (method.strategy or "config strategy"),
+            "detail": method.estimator if method.kind != "es" else (method.strategy or "config strategy"),
             "final_accuracy_mean": float(np.mean(accuracy)),
             "final_accuracy_std": float(np.std(accuracy)),
             "final_accuracy_seeds": [float(a) for a in accuracy],
@@ -442,6 +581,7 @@ def _summarize(compare: CompareConfig, runs, final) -> dict[str, Any]:
             "memory_short": memory[steps[0]],
             "memory_long": memory[steps[-1]],
             "auc": float(np.mean([_area(o["curve"]) for o in by_seed.values()])),
+            "diverged_seeds": [s for s, o in by_seed.items() if o.get("diverged")],
         }
     baselines = {name: row for name, row in final["methods"].items() if " / seed " not in name}
     memory_steps = sorted(next(iter(next(iter(runs.values())).values()))["memory"])
@@ -615,8 +755,9 @@ def _markdown(config: Config, compare: CompareConfig, summary, plots: list[str])
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in methods.items():
+        diverged = f" (meta-gradient diverged, seeds {row['diverged_seeds']})" if row.get("diverged_seeds") else ""
         lines.append(f"| {name} | {row['kind']} ({row['detail']}) | {row['final_accuracy_mean']:.3f} ± "
-                     f"{row['final_accuracy_std']:.3f} | {row['final_loss_mean']:.3f} | {row['auc']:.3f} | "
+                     f"{row['final_accuracy_std']:.3f}{diverged} | {row['final_loss_mean']:.3f} | {row['auc']:.3f} | "
                      f"{int(row['inner_steps'])} | {row['wall_time']:.1f} | {_bytes(row['memory_short'])} | "
                      f"{_bytes(row['memory_long'])} |")
     for name, row in baselines.items():

@@ -129,3 +129,125 @@ def cml_gradient(loss_tr: Loss, loss_out: Loss, theta, config: InnerConfig, beta
         minus = inner_solve(loss_tr, theta, nudged_config, start=free, nudge=loss_out, beta=-beta)
         return jax.tree.map(lambda m, p: config.lam * (m - p) / (2.0 * beta), minus, plus), free
     return jax.tree.map(lambda f, p: config.lam * (f - p) / beta, free, plus), free
+
+
+# ------------------------------------------------------------------- the learned-initialization baselines
+# ``blur compare`` kind ``learned_init``: θ is the initialization of the plain MLP (workers.baselines) that SGD
+# trains on each task, one support batch per step, for the same T inner steps as every other method.
+
+
+class LearnedInit(NamedTuple):
+    """One learned-initialization method: ``algorithm`` imaml | cml and its hyperparameters (defaults: the
+    official iMAML README command, inner_lr 0.1, λ 2, 5 CG steps; CML β 0.1)."""
+
+    algorithm: str = "imaml"
+    lam: float = 2.0
+    inner_lr: float = 0.1
+    cg_steps: int = 5
+    cg_damping: float = 0.0
+    lam_damping: float = 0.0
+    beta: float = 0.1
+    symmetric: bool = False
+    activation: str = "sigmoid"
+
+
+ALGORITHMS = ("imaml", "cml")
+
+
+def check_learned_init(options: dict) -> LearnedInit:
+    """The method's options as a :class:`LearnedInit`; ValueError naming the option otherwise."""
+    fields = LearnedInit._fields
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"options.{unknown[0]}: unknown option (allowed: {', '.join(fields)})")
+    method = LearnedInit(**options)
+    if method.algorithm not in ALGORITHMS:
+        raise ValueError(f"options.algorithm: must be one of {', '.join(ALGORITHMS)}; got {method.algorithm!r}")
+    for name in ("lam", "inner_lr", "beta"):
+        value = getattr(method, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+            raise ValueError(f"options.{name}: must be a positive finite number, got {value!r}")
+    for name in ("cg_damping", "lam_damping"):
+        value = getattr(method, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < float("inf")):
+            raise ValueError(f"options.{name}: must be a finite number >= 0, got {value!r}")
+    if isinstance(method.cg_steps, bool) or not isinstance(method.cg_steps, int) or method.cg_steps < 1:
+        raise ValueError(f"options.cg_steps: must be an integer >= 1, got {method.cg_steps!r}")
+    if not isinstance(method.symmetric, bool):
+        raise ValueError(f"options.symmetric: must be true or false, got {method.symmetric!r}")
+    from workers.baselines import ACTIVATIONS
+
+    if method.activation not in ACTIVATIONS:
+        raise ValueError(f"options.activation: must be one of {', '.join(ACTIVATIONS)}; got {method.activation!r}")
+    return method._replace(lam=float(method.lam), inner_lr=float(method.inner_lr), beta=float(method.beta),
+                           cg_damping=float(method.cg_damping), lam_damping=float(method.lam_damping))
+
+
+def inner_steps_per_task(method: LearnedInit, num_steps: int) -> int:
+    """Inner steps one task of a meta-step consumes, in units of one SGD step's gradient (the reference's
+    cost table): iMAML T + 2·n_CG (each Hessian-vector product costs about two gradients); CML T free plus
+    T per nudged phase (two when symmetric)."""
+    if method.algorithm == "imaml":
+        return num_steps + 2 * method.cg_steps
+    return num_steps * (2 + int(method.symmetric))
+
+
+def sgd_solve(batch_loss: Callable, theta, lam: float, lr: float, num_steps: int, start=None,
+              nudge: Loss | None = None, beta: float = 0.0):
+    """``num_steps`` SGD steps on ``batch_loss(φ, t) + λ/2‖φ − θ‖² (+ β·nudge(φ))``, step t on support batch t,
+    from ``start`` (default θ): the proximal inner problem solved the way SGD trains the MLP."""
+
+    def objective(phi, t):
+        value = batch_loss(phi, t) + 0.5 * lam * sum(jnp.sum((p - q) ** 2) for p, q in
+                                                     zip(jax.tree.leaves(phi), jax.tree.leaves(theta)))
+        return value if nudge is None else value + beta * nudge(phi)
+
+    grad = jax.grad(objective)
+
+    def body(phi, t):
+        return jax.tree.map(lambda p, g: p - lr * g, phi, grad(phi, t)), None
+
+    return jax.lax.scan(body, theta if start is None else start, jnp.arange(num_steps))[0]
+
+
+def task_meta_gradient(method: LearnedInit, theta, task):
+    """(meta-gradient, query loss at the inner solution) of one task: iMAML's CG solve with the Hessian of the
+    whole support loss at φ_T, or CML's contrast of the free and β-nudged solutions (same batches again)."""
+    from workers.baselines import mlp_loss
+
+    num_steps, batch = task.support_x.shape[0], task.support_x.shape[1]
+    x_all = task.support_x.reshape(num_steps * batch, -1)
+    y_all = task.support_y.reshape(-1)
+
+    def batch_loss(phi, t):
+        return mlp_loss(phi, task.support_x[t], task.support_y[t], method.activation)
+
+    def loss_tr(phi):
+        return mlp_loss(phi, x_all, y_all, method.activation)
+
+    def loss_out(phi):
+        return mlp_loss(phi, task.query_x, task.query_y, method.activation)
+
+    free = sgd_solve(batch_loss, theta, method.lam, method.inner_lr, num_steps)
+    if method.algorithm == "imaml":
+        config = InnerConfig(method.lam, num_steps, method.inner_lr)
+        gradient, _ = imaml_gradient(loss_tr, loss_out, theta, config, method.cg_steps, method.cg_damping,
+                                     method.lam_damping, phi=free)
+    else:
+        def nudged(sign):
+            return sgd_solve(batch_loss, theta, method.lam, method.inner_lr, num_steps, start=free, nudge=loss_out,
+                             beta=sign * method.beta)
+
+        plus = nudged(1.0)
+        if method.symmetric:
+            minus = nudged(-1.0)
+            gradient = jax.tree.map(lambda m, p: method.lam * (m - p) / (2 * method.beta), minus, plus)
+        else:
+            gradient = jax.tree.map(lambda f, p: method.lam * (f - p) / method.beta, free, plus)
+    return gradient, loss_out(free)
+
+
+def meta_gradient(method: LearnedInit, theta, tasks):
+    """Mean over the task batch (leading axis) of :func:`task_meta_gradient`: (gradient, mean query loss)."""
+    gradients, losses = jax.vmap(lambda task: task_meta_gradient(method, theta, task))(tasks)
+    return jax.tree.map(lambda g: jnp.mean(g, axis=0), gradients), jnp.mean(losses)

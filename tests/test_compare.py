@@ -21,7 +21,7 @@ def test_compare_smoke_writes_report_csv_and_plots(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     report = (out / "report.md").read_text()
-    methods = ("CMA-ES", "full backprop", "truncated", "PES", "EvoGrad", "BMG", "optimistic BMG")
+    methods = ("CMA-ES", "full backprop", "truncated", "PES", "EvoGrad", "BMG", "optimistic BMG", "iMAML", "CML")
     for method in methods:
         assert method in report and method in printed.out
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -73,3 +73,21 @@ def test_compare_refuses_curricula_that_count_generations_or_meta_steps(override
     config = Path(__file__).resolve().parents[1] / "configs" / "compare_smoke.yaml"
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         load_compare_config(config, [override])
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("compare.methods=[{name: x, kind: learned_init, estimator: maml}]", "compare.methods[0].estimator: a learned_init"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: imaml, options: {lam: 0}}]",
+     "compare.methods[0].options.lam: must be a positive finite number"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: cml, options: {beta: -1}}]",
+     "compare.methods[0].options.beta: must be a positive finite number"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: imaml, options: {cg_steps: 0}}]",
+     "compare.methods[0].options.cg_steps: must be an integer >= 1"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: imaml, options: {n_cg: 3}}]",
+     "compare.methods[0].options.n_cg: unknown option"),
+])
+def test_learned_init_methods_refuse_bad_values(tmp_path, capsys, edit, needle):
+    code = main(["compare", str(ROOT / "configs" / "compare_smoke.yaml"), "--out", str(tmp_path / "x"), "--set", edit])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

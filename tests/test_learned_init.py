@@ -71,3 +71,55 @@ def test_cml_approaches_the_implicit_gradient_as_beta_shrinks_and_the_symmetric_
     assert one_sided[-1] < 0.05 and symmetric[-1] < 1e-3
     with pytest.raises(ValueError, match="beta"):
         LI.cml_gradient(loss_tr, loss_out, theta, CONFIG, 0.0)
+
+
+# ------------------------------------------------------------- the compare methods on the MLP initialization
+
+def _repeated_task(num_steps: int):
+    """A task whose support batches are all the same batch: SGD on it is gradient descent on one energy."""
+    from workers.task_types import Task
+
+    key = jax.random.key(3)
+    x = jax.random.normal(key, (6, 4))
+    y = jnp.array([0, 1, 0, 1, 1, 0])
+    qx = jax.random.normal(jax.random.fold_in(key, 1), (5, 4))
+    qy = jnp.array([1, 0, 1, 0, 1])
+    return Task(jnp.broadcast_to(x, (num_steps, 6, 4)), jnp.broadcast_to(y, (num_steps, 6)), qx, qy)
+
+
+def _exact_implicit(theta, task, lam, phi):
+    from jax.flatten_util import ravel_pytree
+
+    from workers.baselines import mlp_loss
+
+    x, y = task.support_x[0], task.support_y[0]
+    flat, unravel = ravel_pytree(phi)
+    hessian = jax.hessian(lambda f: mlp_loss(unravel(f), x, y))(flat)
+    outer = ravel_pytree(jax.grad(lambda p: mlp_loss(p, task.query_x, task.query_y))(phi))[0]
+    return jnp.linalg.solve(jnp.eye(flat.size) + hessian / lam, outer)
+
+
+def test_learned_init_meta_gradients_match_the_implicit_gradient_of_the_sgd_solution():
+    from jax.flatten_util import ravel_pytree
+
+    from workers.baselines import init_mlp, mlp_loss
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        theta = jax.tree.map(lambda w: w.astype(jnp.float64), init_mlp(jax.random.key(0), (4, 3, 2)))
+        task = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _repeated_task(400))
+        imaml = LI.check_learned_init({"algorithm": "imaml", "lam": 2.0, "inner_lr": 0.1, "cg_steps": 40})
+        phi = LI.sgd_solve(lambda p, t: mlp_loss(p, task.support_x[t], task.support_y[t]), theta, 2.0, 0.1, 400)
+        exact = _exact_implicit(theta, task, 2.0, phi)
+        got = ravel_pytree(LI.task_meta_gradient(imaml, theta, task)[0])[0]
+        np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-9)
+        for symmetric, beta, tolerance in ((False, 1e-3, 1e-2), (True, 1e-2, 1e-3)):
+            cml = LI.check_learned_init({"algorithm": "cml", "lam": 2.0, "inner_lr": 0.1, "beta": beta,
+                                         "symmetric": symmetric})
+            estimate = ravel_pytree(LI.task_meta_gradient(cml, theta, task)[0])[0]
+            error = float(jnp.linalg.norm(estimate - exact) / jnp.linalg.norm(exact))
+            assert error < tolerance, (symmetric, error)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert LI.inner_steps_per_task(imaml, 10) == 10 + 2 * 40
+    assert LI.inner_steps_per_task(cml, 10) == 30
