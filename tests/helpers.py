@@ -49,6 +49,23 @@ def evolve_ok(out: Path, overrides) -> Path:
     return out
 
 
+def kill_after_rows(proc: subprocess.Popen, out: Path, rows: int, timeout: float = 300) -> None:
+    """SIGKILL the run ``proc`` writes to ``out`` once its metrics.jsonl has ``rows`` lines (asserting that it
+    was still running)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 def same_genome(a: Path, b: Path) -> None:
     """The best genomes of runs ``a`` and ``b`` are bit-identical (spec, generation, score, arrays)."""
     import numpy as np

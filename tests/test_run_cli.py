@@ -4,7 +4,6 @@ stop criteria, curriculum, CLI errors and ``blur inspect``."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from evolution.cli import main
 from evolution.config import load_config
 from evolution.run import Run, local_evaluator
 
-from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, metric_rows, same_genome, set_args  # noqa: F401
+from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, kill_after_rows, metric_rows, same_genome, set_args  # noqa: F401
 
 
 def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):
@@ -43,16 +42,7 @@ def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):
 def test_resume_after_kill_9_equals_the_uninterrupted_run(uninterrupted, tmp_path):
     full, _ = uninterrupted
     out = tmp_path / "killed"
-    proc = blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(KILL_OVERRIDES))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_rows(blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(KILL_OVERRIDES)), out, 5)
     assert len(metric_rows(out)) < 24
     resumed = blur("resume", str(out), "--quiet")
     stdout, stderr = resumed.communicate(timeout=600)

@@ -5,8 +5,6 @@ one-line errors naming the setting."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +18,7 @@ from evolution.run import Run, generation_keys, local_evaluator, setting_specs
 from workers.engine import aggregate_fitness
 from workers.evaluator import LocalEvaluator
 
-from helpers import ROOT, blur, metric_rows, same_genome
+from helpers import ROOT, blur, kill_after_rows, metric_rows, same_genome
 
 CONFIG = ROOT / "tests" / "data" / "settings_smoke.yaml"
 
@@ -107,16 +105,7 @@ def test_a_multi_setting_run_resumes_identically_after_kill_9(tmp_path):
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     out = tmp_path / "killed"
-    proc = blur("evolve", CONFIG, "--out", out, "--quiet")
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_rows(blur("evolve", CONFIG, "--out", out, "--quiet"), out, 4)
     assert len(metric_rows(out)) < 12
     resumed = blur("resume", out, "--quiet")
     _, stderr = resumed.communicate(timeout=600)
