@@ -74,23 +74,29 @@ def inner_solve(loss_tr: Loss, theta, config: InnerConfig, start=None, nudge: Lo
 
 
 def conjugate_gradient(operator: Callable, rhs, steps: int):
-    """``steps`` CG iterations for ``operator(x) = rhs`` (operator SPD), from x = 0."""
+    """``steps`` CG iterations for ``operator(x) = rhs`` from x = 0.
+
+    For an SPD operator this is plain CG. ``I + H/λ`` of a non-convex loss can have directions of
+    non-positive curvature (``pᵀAp ≤ 0``); CG would divide by ~0 there and overflow, so the iterate stops at
+    the first such direction and is returned as it stands (truncated CG, as in Steihaug's method)."""
     x = jax.tree.map(jnp.zeros_like, rhs)
     r = rhs
     p = rhs
     rs = _tree_dot(r, r)
 
     def body(carry, _):
-        x, r, p, rs = carry
+        x, r, p, rs, stopped = carry
         ap = operator(p)
-        alpha = rs / jnp.maximum(_tree_dot(p, ap), 1e-30)
+        curvature = _tree_dot(p, ap)
+        stopped = stopped | ~(curvature > 0) | ~(rs > 0)
+        alpha = jnp.where(stopped, 0.0, rs / jnp.where(stopped, 1.0, curvature))
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
         rs_new = _tree_dot(r, r)
-        p = _axpy(rs_new / jnp.maximum(rs, 1e-30), p, r)
-        return (x, r, p, rs_new), None
+        p = _axpy(jnp.where(stopped, 0.0, rs_new / jnp.where(rs > 0, rs, 1.0)), p, r)
+        return (x, r, p, jnp.where(stopped, rs, rs_new), stopped), None
 
-    return jax.lax.scan(body, (x, r, p, rs), None, length=steps)[0][0]
+    return jax.lax.scan(body, (x, r, p, rs, jnp.asarray(False)), None, length=steps)[0][0]
 
 
 def imaml_gradient(loss_tr: Loss, loss_out: Loss, theta, config: InnerConfig, cg_steps: int = 5,

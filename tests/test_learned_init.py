@@ -123,3 +123,13 @@ def test_learned_init_meta_gradients_match_the_implicit_gradient_of_the_sgd_solu
         jax.config.update("jax_enable_x64", False)
     assert LI.inner_steps_per_task(imaml, 10) == 10 + 2 * 40
     assert LI.inner_steps_per_task(cml, 10) == 30
+
+
+def test_cg_stops_at_negative_curvature_instead_of_overflowing():
+    matrix = jnp.diag(jnp.array([2.0, 1.0, -0.5]))  # indefinite, as I + H/λ of a non-convex loss can be
+    rhs = jnp.array([1.0, 1.0, 1.0])
+    x = LI.conjugate_gradient(lambda v: matrix @ v, rhs, 10)
+    assert bool(jnp.all(jnp.isfinite(x)))
+    spd = jnp.array([[3.0, 1.0], [1.0, 2.0]])
+    np.testing.assert_allclose(LI.conjugate_gradient(lambda v: spd @ v, jnp.array([1.0, -1.0]), 2),
+                               jnp.linalg.solve(spd, jnp.array([1.0, -1.0])), rtol=1e-5)
