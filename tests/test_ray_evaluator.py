@@ -113,7 +113,7 @@ class HeadNode:
         env = dict(os.environ, RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
         if not (Path.home() / ".ray" / "auth_token").is_file():  # the user's token, as `ray start` expects
             subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-        command = [RAY, "start", "--head", f"--port={self.port}", "--num-cpus=2", "--num-gpus=1",
+        command = [RAY, "start", "--head", f"--port={self.port}", "--num-cpus=4", "--num-gpus=1",
                    "--include-dashboard=false", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                    f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                    f"--metrics-export-port={free_port()}"]
@@ -229,6 +229,7 @@ class TestOnExistingCluster:
         """Settings travel to the workers as data (specs and task configs); each call names its setting."""
         settings_config = SMOKE.parents[1] / "tests" / "data" / "settings_smoke.yaml"
         overrides = ["run.generations=3"]
+        # a second pool of two workers next to the class's smoke pool (the head offers four logical CPUs)
         config = load_config(settings_config, overrides + ["evaluator.kind=ray", "evaluator.workers=2",
                                                            f"evaluator.ray_address={head.address}"])
         spec = network_spec(config)
