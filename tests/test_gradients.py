@@ -354,7 +354,7 @@ def test_compare_config_parses_the_smoke_file_and_names_bad_keys():
     smoke = Path(__file__).resolve().parent.parent / "configs" / "compare_smoke.yaml"
     config, compare = load_compare_config(smoke, ["compare.seeds=[3]", "episode.num_steps=5"])
     assert compare.seeds == (3,) and config.episode.num_steps == 5
-    assert {m.kind for m in compare.methods} == {"es", "gradient"}
+    assert {m.kind for m in compare.methods} == {"es", "gradient", "learned_init"}
     bad = [({"methods": [{"name": "a", "kind": "es", "colour": 1}]}, r"compare.methods\[0\].colour: unknown key"),
            ({"methods": [{"name": "a", "kind": "gradient", "estimator": "reinforce"}]}, "estimator.name"),
            ({"methods": [{"name": "a", "kind": "es"}], "inner_step_budget": "lots"}, "compare.inner_step_budget"),
