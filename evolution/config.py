@@ -301,6 +301,15 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
 }
 
 
+def build_task(values: dict, where: str) -> TaskConfig:
+    """A task section from plain values, type- and range-checked like ``task:`` (errors name ``where.key``)."""
+    task = _build(TaskConfig, values, where)
+    for key, (lo, hi, lo_open) in BOUNDS.items():
+        if key.startswith("task.") and getattr(task, key[5:]) is not None:
+            check_range(f"{where}.{key[5:]}", getattr(task, key[5:]), lo, hi, lo_open)
+    return task
+
+
 def resolve_settings(config: Config, which: str = "settings") -> list:
     """The resolved :class:`evolution.settings.Setting` list of ``config.settings`` (``which="settings"``;
     empty -> the one setting of the task/network/episode sections) or of ``config.report.settings``
@@ -316,8 +325,7 @@ def resolve_settings(config: Config, which: str = "settings") -> list:
     resolved, names = [], set()
     for i, entry in enumerate(entries):
         where = f"{prefix}[{i}]"
-        task = _build(TaskConfig, {**base, **entry.task}, f"{where}.task")
-        check_bounds(task, {k.removeprefix("task."): v for k, v in BOUNDS.items() if k.startswith("task.")})
+        task = build_task({**base, **entry.task}, f"{where}.task")
         hidden = tuple(entry.hidden_sizes) if entry.hidden_sizes is not None else tuple(config.network.hidden_sizes)
         for j, width in enumerate(hidden):
             check_range(f"{where}.hidden_sizes[{j}]", width, 1, MAX_WIDTH)

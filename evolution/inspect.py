@@ -313,13 +313,12 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
     genome's own) — at each of ``horizons`` (default: ``steps``), against the backprop genome and the tuned
     baselines. Prints a table (or JSON) and optionally writes a PNG of the learning curves. Values are
     checked here (ConfigError naming the flag), so the library call is as safe as the CLI."""
-    from evolution.config import (BOUNDS, MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, ConfigError, _build,
-                                  check_bounds, check_range)
+    from evolution.config import MAX_BATCH, MAX_SEED, MAX_STEPS, MAX_TASKS, MAX_WIDTH, ConfigError, build_task, check_range
     from evolution.resources import check_memory, estimate
     from evolution.run import task_family
     from evolution.settings import Setting
     from workers.report import format_generalization, generalization_report, reshape_spec
-    from workers.tasks import FAMILIES, TaskConfig
+    from workers.tasks import FAMILIES
 
     if task not in FAMILIES:
         raise ConfigError(f"--task: unknown family {task!r}; see `blur tasks`")
@@ -336,8 +335,7 @@ def evaluate_genome(genome: str, task: str = "digits", steps: int = 20, num_task
     for width in hidden or ():
         check_range("--hidden", width, 1, MAX_WIDTH)
     base = {"family": task, "n_way": n_way, "batch_size": batch_size, "data_dir": data_dir}
-    task_config = _build(TaskConfig, {**{k: v for k, v in base.items() if v is not None}, **task_overrides}, "task")
-    check_bounds(task_config, {k.removeprefix("task."): v for k, v in BOUNDS.items() if k.startswith("task.")})
+    task_config = build_task({**{k: v for k, v in base.items() if v is not None}, **task_overrides}, "task")
     family = task_family(task_config, "train")
     task_family(task_config, split)
     task_family(task_config, "validation")
