@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -51,6 +52,7 @@ import genome as G
 from evolution import gradients as GR
 from evolution import learned_init as LI
 from evolution import outer_loop as OL
+from evolution import warpgrad as WG
 from evolution.config import (MAX_POPULATION, MAX_SEED, MAX_STEPS, MAX_TASKS, Config, ConfigError, apply_override,
                                check_bounds, check_strategy_options, config_from_dict, config_to_dict, read_yaml_file)
 from workers import baselines as BL
@@ -62,6 +64,7 @@ from workers.horizon import horizon
 from workers.tasks import make_family
 
 METHOD_KINDS = ("es", "gradient", "learned_init")
+LEARNED_INIT_ESTIMATORS = LI.ALGORITHMS + ("warpgrad",)
 _HELDOUT, _GRADIENT, _FINAL, _LEARNED_INIT = 11, 12, 13, 14  # fold_in salts
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}  # memory analysis only: same buffers, faster compile
 
@@ -76,7 +79,10 @@ class MethodConfig:
     ``outer_optimizer`` (adam | optimistic), its ``learning_rate`` and ``clip_norm``, ``tasks_per_step`` (default: ``run.tasks_per_generation``) and an
     unroll curriculum in meta-steps. kind ``learned_init``: ``estimator`` imaml | cml meta-learns the
     initialization of the plain MLP that SGD trains (:mod:`evolution.learned_init`; ``options``: lam,
-    inner_lr, cg_steps, cg_damping, lam_damping, beta, symmetric, activation), Adam at ``learning_rate``.
+    inner_lr, cg_steps, cg_damping, lam_damping, beta, symmetric, activation), Adam at ``learning_rate``;
+    ``estimator: warpgrad`` meta-learns warp layers that precondition that SGD, and (simplified Leap) its
+    initialization (:mod:`evolution.warpgrad`; ``options``: inner_lr, replay_batch, epochs, learn_init,
+    leap_norm, activation).
     """
 
     name: str
@@ -105,6 +111,7 @@ class CompareConfig:
     heldout_tasks: int = 32
     memory_multiplier: int = 4
     baselines: bool = True
+    horizon_multiples: tuple[int, ...] = (1, 4)  # the final rows are scored at these multiples of T
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -125,6 +132,7 @@ _FIELD_TYPES = {
     "curriculum_increment": (int,), "curriculum_max_steps": (int, type(None)), "outer_optimizer": (str,),
     "seeds": (list,), "inner_step_budget": (int,), "max_wall_time": (float, int, type(None)), "num_points": (int,),
     "heldout_tasks": (int,), "memory_multiplier": (int,), "baselines": (bool,), "methods": (list,),
+    "horizon_multiples": (list,),
 }
 
 
@@ -168,13 +176,16 @@ def _method(data: Any, index: int) -> MethodConfig:
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{where}: {error}") from None
     if method.kind == "learned_init":
-        if method.estimator not in LI.ALGORITHMS:
-            raise ConfigError(f"{where}.estimator: a learned_init method is one of {', '.join(LI.ALGORITHMS)}; "
-                              f"got {method.estimator!r}")
+        if method.estimator not in LEARNED_INIT_ESTIMATORS:
+            raise ConfigError(f"{where}.estimator: a learned_init method is one of "
+                              f"{', '.join(LEARNED_INIT_ESTIMATORS)}; got {method.estimator!r}")
         if "algorithm" in method.options:
             raise ConfigError(f"{where}.options.algorithm: the algorithm is the method's estimator")
         try:
-            LI.check_learned_init({**method.options, "algorithm": method.estimator})
+            if method.estimator == "warpgrad":
+                WG.check_options(method.options)
+            else:
+                LI.check_learned_init({**method.options, "algorithm": method.estimator})
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{where}.{error}") from None
     return method
@@ -200,6 +211,12 @@ def parse_compare(data: Any) -> CompareConfig:
         if not values["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in values["seeds"]):
             raise ConfigError("compare.seeds: expected a non-empty list of integers")
         values["seeds"] = tuple(values["seeds"])
+    if "horizon_multiples" in values:
+        multiples = values["horizon_multiples"]
+        if (not multiples or not all(isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= 64 for m in multiples)
+                or len(set(multiples)) != len(multiples)):
+            raise ConfigError(f"compare.horizon_multiples: expected distinct integers in 1..64, got {multiples!r}")
+        values["horizon_multiples"] = tuple(sorted(set(multiples) | {1}))  # T itself is always scored
     config = CompareConfig(methods=methods, **values)
     try:
         check_bounds(config, _COMPARE_BOUNDS)
@@ -396,57 +413,91 @@ def _baseline_activation(spec: G.NetworkSpec) -> str:
     return spec.forward_activation if spec.forward_activation in BL.ACTIVATIONS else "sigmoid"
 
 
-def learned_init_method(method: MethodConfig, spec: G.NetworkSpec) -> LI.LearnedInit:
-    """The method's :class:`LearnedInit`; the MLP's activation defaults to the SGD baselines' one."""
+def learned_init_method(method: MethodConfig, spec: G.NetworkSpec):
+    """The method's :class:`LI.LearnedInit` (imaml, cml) or :class:`WG.WarpGradOptions` (warpgrad); the MLP's
+    activation defaults to the SGD baselines' one."""
+    if method.estimator == "warpgrad":
+        return WG.check_options({"activation": _baseline_activation(spec), **method.options})
     options = {"activation": _baseline_activation(spec), **method.options, "algorithm": method.estimator}
     return LI.check_learned_init(options)
 
 
-def _sgd_from(weights, tasks, learning_rate: float, layer_sizes, activation: str, skip_last_update: bool):
-    """SGD from the initialization ``weights`` on every task (the baselines' trainer, same steps)."""
-    num_tasks = tasks.query_y.shape[0]
+def _sgd_from(weights, tasks, learning_rate: float, layer_sizes, activation: str, skip_last_update: bool,
+              warps=None):
+    """SGD from the initialization ``weights`` on every task (the baselines' trainer, same steps); with
+    ``warps``, warped SGD through those warp layers (WarpGrad's learner)."""
+    num_tasks, num_steps = tasks.query_y.shape[0], tasks.support_x.shape[1]
+    if warps is not None:
+        num_updates = num_steps - 1 if skip_last_update and num_steps > 0 else num_steps
+        return _warped_sgd(list(weights), list(warps), tasks, jnp.asarray(learning_rate, jnp.float32), num_updates,
+                           activation)
     init = [jnp.broadcast_to(w, (num_tasks,) + w.shape) for w in weights]
     return BL.run_baseline("sgd", learning_rate, layer_sizes, tasks, jax.random.key(0), activation=activation,
                            skip_last_update=skip_last_update, init_weights=init)
 
 
-def run_learned_init(config: Config, compare: CompareConfig, method: MethodConfig, seed: int, spec: G.NetworkSpec,
-                     heldout: HeldOut) -> dict[str, Any]:
-    """iMAML / CML: Adam on the MLP initialization θ with the method's meta-gradient, ``tasks_per_step``
-    train tasks per meta-step, until the inner-step budget is spent (a non-finite meta-gradient stops it as
-    diverged). Held-out curve points: SGD from θ at the method's inner learning rate on the shared held-out
-    tasks."""
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _warped_sgd(init, warps, tasks, learning_rate, num_updates, activation):
+    return WG.warped_sgd(init, warps, tasks, learning_rate, num_updates, activation)
+
+
+def _learned_init_learner(method: MethodConfig, spec: G.NetworkSpec, key: jax.Array):
+    """(options, initial state, step(state, tasks, key) -> (state, loss, finite), the state's (init, warps),
+    inner steps per task of a T-step meta-step) of a learned-initialization method."""
     import optax
 
-    li = learned_init_method(method, spec)
+    options = learned_init_method(method, spec)
+    theta = BL.init_mlp(key, spec.layer_sizes)  # Glorot, as the SGD baselines start
+    optimizer = optax.chain(optax.clip_by_global_norm(method.clip_norm), optax.adam(method.learning_rate))
+    if method.estimator == "warpgrad":
+        warps = WG.identity_warps(spec.layer_sizes)  # warped SGD = SGD at the start
+        state = WG.MetaState(theta, warps, optimizer.init(theta), optimizer.init(warps))
+
+        def step(state, tasks, step_key):
+            return WG.meta_step(options, optimizer, state, tasks, step_key)
+
+        return (options, state, step, lambda state: (state.init, state.warps),
+                lambda steps: WG.inner_steps_per_task(options, steps))
+
+    def li_step(state, tasks, step_key):
+        theta, opt_state = state
+        gradient, loss = LI.meta_gradient(options, theta, tasks)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(gradient)])) & jnp.isfinite(loss)
+        updates, new_state = optimizer.update(gradient, opt_state, theta)
+        return (optax.apply_updates(theta, updates), new_state), loss, finite
+
+    return (options, (theta, optimizer.init(theta)), li_step, lambda state: (state[0], None),
+            lambda steps: LI.inner_steps_per_task(options, steps))
+
+
+def run_learned_init(config: Config, compare: CompareConfig, method: MethodConfig, seed: int, spec: G.NetworkSpec,
+                     heldout: HeldOut) -> dict[str, Any]:
+    """iMAML / CML / WarpGrad: Adam on the learner's meta-parameters (the MLP initialization θ; WarpGrad also
+    its warp layers) with the method's meta-update, ``tasks_per_step`` train tasks per meta-step, until the
+    inner-step budget is spent (a non-finite meta-gradient stops it as diverged). Held-out curve points: SGD
+    (warped for WarpGrad) from θ at the method's inner learning rate on the shared held-out tasks."""
     layer_sizes = spec.layer_sizes
     num_steps = config.episode.num_steps
     tasks_per_step = method.tasks_per_step or config.run.tasks_per_generation
     key = jax.random.fold_in(jax.random.key(seed), _LEARNED_INIT)
     init_key, key = jax.random.split(key)
-    theta = BL.init_mlp(init_key, layer_sizes)  # Glorot, as the SGD baselines start
-    optimizer = optax.chain(optax.clip_by_global_norm(method.clip_norm), optax.adam(method.learning_rate))
-    opt_state = optimizer.init(theta)
+    options, state, step, weights_of, steps_per_task = _learned_init_learner(method, spec, init_key)
+    step = jax.jit(step)
     family = make_family(config.task, "train")
+    replay_key = jax.random.fold_in(key, 1 << 20)
 
-    @jax.jit
-    def step(theta, opt_state, tasks):
-        gradient, loss = LI.meta_gradient(li, theta, tasks)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(gradient)])) & jnp.isfinite(loss)
-        updates, new_state = optimizer.update(gradient, opt_state, theta)
-        return optax.apply_updates(theta, updates), new_state, loss, finite
-
-    def measure(weights):
-        result = _sgd_from(weights, heldout.tasks, li.inner_lr, layer_sizes, li.activation,
-                           config.episode.skip_last_update)
+    def measure(state):
+        weights, warps = weights_of(state)
+        result = _sgd_from(weights, heldout.tasks, options.inner_lr, layer_sizes, options.activation,
+                           config.episode.skip_last_update, warps)
         loss = np.asarray(result["loss"])
         return float(np.mean(result["accuracy"])), float(np.mean(np.where(np.isfinite(loss), loss, np.nan)))
 
     start = time.perf_counter()
     sample = family.sample(jax.random.fold_in(key, 0), tasks_per_step, num_steps)
-    compiled = step.lower(theta, opt_state, sample).compile()
+    compiled = step.lower(state, sample, replay_key).compile()
     compile_time = time.perf_counter() - start
-    accuracy, loss = measure(theta)
+    accuracy, loss = measure(state)
     curve = [{"inner_steps": 0, "wall_time": 0.0, "accuracy": accuracy, "loss": loss}]
     every, inner_steps, wall, meta_step, diverged = _checkpoints(compare), 0, 0.0, 0, False
     curriculum = config.run.curriculum
@@ -457,33 +508,37 @@ def run_learned_init(config: Config, compare: CompareConfig, method: MethodConfi
                              curriculum.max_steps) if curriculum.every_inner_steps else num_steps)
         tasks = family.sample(jax.random.fold_in(key, meta_step), tasks_per_step, steps_now)
         run_step = compiled if steps_now == num_steps else step  # a new horizon compiles in the timed part
-        new_theta, new_state, _, finite = run_step(theta, opt_state, tasks)
+        new_state, _, finite = run_step(state, tasks, jax.random.fold_in(replay_key, meta_step))
         finite = bool(finite)
         wall += time.perf_counter() - tick
-        per_step = tasks_per_step * LI.inner_steps_per_task(li, steps_now)
+        per_step = tasks_per_step * steps_per_task(steps_now)
         before, inner_steps, meta_step = inner_steps, inner_steps + per_step, meta_step + 1
         if not finite:
             diverged = True
             break
-        theta, opt_state = new_theta, new_state
+        state = new_state
         if inner_steps // every > before // every or inner_steps >= compare.inner_step_budget:
-            accuracy, loss = measure(theta)
+            accuracy, loss = measure(state)
             curve.append({"inner_steps": inner_steps, "wall_time": wall, "accuracy": accuracy, "loss": loss,
                           "num_steps": steps_now, "step_start": before})
     memory = {}
     for steps in (num_steps, compare.memory_multiplier * num_steps):
         tasks = family.sample(jax.random.key(0), tasks_per_step, steps)
-        memory[steps] = GR.compiled_memory(step, theta, opt_state, tasks, compiler_options=_FAST_COMPILE)["temp"]
-    return {"weights": [np.asarray(w) for w in theta], "curve": curve, "inner_steps": inner_steps, "wall_time": wall,
-            "compile_time": compile_time, "memory": memory, "diverged": diverged, "meta_steps": meta_step,
-            "inner_learning_rate": li.inner_lr, "activation": li.activation}
+        memory[steps] = GR.compiled_memory(step, state, tasks, replay_key, compiler_options=_FAST_COMPILE)["temp"]
+    weights, warps = weights_of(state)
+    outcome = {"weights": [np.asarray(w) for w in weights], "curve": curve, "inner_steps": inner_steps,
+               "wall_time": wall, "compile_time": compile_time, "memory": memory, "diverged": diverged,
+               "meta_steps": meta_step, "inner_learning_rate": options.inner_lr, "activation": options.activation}
+    if warps is not None:
+        outcome["warps"] = [np.asarray(w) for w in warps]
+    return outcome
 
 
-def _learned_init_rows(config: Config, spec: G.NetworkSpec, runs: dict, final_key: jax.Array,
+def _learned_init_rows(config: Config, spec: G.NetworkSpec, runs: dict, final_key: jax.Array, num_steps: int,
                        progress=None) -> dict[str, dict[str, Any]]:
-    """Final held-out rows of the learned initializations: SGD from each θ with its learning rate tuned on
-    the same validation tasks as the baselines (``report.learning_rates``), scored on the same test tasks."""
-    num_steps = config.episode.num_steps
+    """Final held-out rows of the learned initializations at horizon ``num_steps``: SGD (warped for WarpGrad)
+    from each θ with its learning rate tuned on the same validation tasks as the baselines
+    (``report.learning_rates``, at the same horizon), scored on the same test tasks."""
     tasks, tuning, _, _ = report_tasks(config.task, num_steps, final_key, config.report.test_tasks,
                                        config.report.tuning_tasks)
     rows = {}
@@ -492,15 +547,16 @@ def _learned_init_rows(config: Config, spec: G.NetworkSpec, runs: dict, final_ke
             if "weights" not in outcome:
                 continue
             weights = [jnp.asarray(w) for w in outcome["weights"]]
+            warps = [jnp.asarray(w) for w in outcome["warps"]] if "warps" in outcome else None
             activation, skip = outcome["activation"], config.episode.skip_last_update
             scores = {}
             for lr in config.report.learning_rates:
-                result = _sgd_from(weights, tuning, lr, spec.layer_sizes, activation, skip)
+                result = _sgd_from(weights, tuning, lr, spec.layer_sizes, activation, skip, warps)
                 loss = np.asarray(result["loss"], np.float64)
                 scores[float(lr)] = (float(np.mean(result["accuracy"])),
                                      -float(np.mean(np.where(np.isfinite(loss), loss, np.inf))))
             best = max(scores, key=scores.get)
-            result = _sgd_from(weights, tasks, best, spec.layer_sizes, activation, skip)
+            result = _sgd_from(weights, tasks, best, spec.layer_sizes, activation, skip, warps)
             rows[f"{name} / seed {seed}"] = {"learning_rate": best, "sweep": {lr: v[0] for lr, v in scores.items()},
                                              "meta_diverged": outcome["diverged"],
                                              **_summary(result["accuracy"], result["loss"], None)}
@@ -542,16 +598,25 @@ def run_comparison(config: Config, out_dir: str | Path, compare: CompareConfig, 
                for name, by_seed in runs.items() for seed, outcome in by_seed.items() if "vector" in outcome}
     baseline_names = config.report.baselines if compare.baselines else ()
     include_backprop = compare.baselines and config.report.backprop_genome
-    final = compare_on_heldout(
-        spec, genomes, config.task, config.episode.num_steps, jax.random.fold_in(jax.random.key(config.seed), _FINAL),
-        num_test_tasks=config.report.test_tasks, num_tuning_tasks=config.report.tuning_tasks,
-        learning_rates=config.report.learning_rates, baseline_names=baseline_names,
-        include_backprop_genome=include_backprop, skip_last_update=config.episode.skip_last_update,
-        progress=Progress("final held-out comparison",
-                          report_units(len(genomes), config.report.learning_rates, baseline_names, include_backprop)))
-    learned = _learned_init_rows(config, spec, runs, jax.random.fold_in(jax.random.key(config.seed), _FINAL))
-    final["methods"] = {**{k: v for k, v in final["methods"].items() if " / seed " in k}, **learned,
-                        **{k: v for k, v in final["methods"].items() if " / seed " not in k}}
+    final_key = jax.random.fold_in(jax.random.key(config.seed), _FINAL)
+    finals = {}
+    for multiple in compare.horizon_multiples:  # every row at T and at the longer horizons, tuned per horizon
+        steps = multiple * config.episode.num_steps
+        scored = compare_on_heldout(
+            spec, genomes, config.task, steps, final_key, num_test_tasks=config.report.test_tasks,
+            num_tuning_tasks=config.report.tuning_tasks, learning_rates=config.report.learning_rates,
+            baseline_names=baseline_names, include_backprop_genome=include_backprop,
+            skip_last_update=config.episode.skip_last_update,
+            progress=Progress(f"final held-out comparison at T = {steps}",
+                              report_units(len(genomes), config.report.learning_rates, baseline_names,
+                                           include_backprop)))
+        learned = _learned_init_rows(config, spec, runs, final_key, steps)
+        scored["methods"] = {**{k: v for k, v in scored["methods"].items() if " / seed " in k}, **learned,
+                             **{k: v for k, v in scored["methods"].items() if " / seed " not in k}}
+        finals[steps] = scored
+    final = finals[config.episode.num_steps]
+    final["horizons"] = {steps: scored["methods"] for steps, scored in finals.items()
+                         if steps != config.episode.num_steps}
     summary = _summarize(compare, runs, final)
     _write_outputs(out_dir, config, compare, runs, final, summary, initial)
     return summary
@@ -582,10 +647,20 @@ def _summarize(compare: CompareConfig, runs, final) -> dict[str, Any]:
             "memory_long": memory[steps[-1]],
             "auc": float(np.mean([_area(o["curve"]) for o in by_seed.values()])),
             "diverged_seeds": [s for s, o in by_seed.items() if o.get("diverged")],
+            "longer_horizons": {steps: _seed_stats([rows[f"{method.name} / seed {s}"]["accuracy"]
+                                                    for s in compare.seeds])
+                                for steps, rows in final.get("horizons", {}).items()},
         }
     baselines = {name: row for name, row in final["methods"].items() if " / seed " not in name}
+    longer = {steps: {name: row for name, row in rows.items() if " / seed " not in name}
+              for steps, rows in final.get("horizons", {}).items()}
     memory_steps = sorted(next(iter(next(iter(runs.values())).values()))["memory"])
-    return {"methods": methods, "baselines": baselines, "num_steps": final["num_steps"], "memory_steps": memory_steps}
+    return {"methods": methods, "baselines": baselines, "num_steps": final["num_steps"], "memory_steps": memory_steps,
+            "longer_horizons": sorted(longer), "baselines_longer": longer}
+
+
+def _seed_stats(values) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
 def _area(curve: list[dict]) -> float:
@@ -602,20 +677,26 @@ def _area(curve: list[dict]) -> float:
 
 def _write_outputs(out_dir: Path, config: Config, compare: CompareConfig, runs, final, summary, initial) -> None:
     short, long = summary["memory_steps"][0], summary["memory_steps"][-1]
+    longer = summary["longer_horizons"]
     with open(out_dir / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "kind", "detail", "final_accuracy_mean", "final_accuracy_std", "seeds",
                          "final_cross_entropy", "accuracy_auc", "inner_steps", "wall_time_s",
-                         f"temp_bytes_T{short}", f"temp_bytes_T{long}"])
+                         f"temp_bytes_T{short}", f"temp_bytes_T{long}"]
+                        + [f"accuracy_T{steps}_{stat}" for steps in longer for stat in ("mean", "std")])
         for name, row in summary["methods"].items():
             writer.writerow([name, row["kind"], row["detail"], f"{row['final_accuracy_mean']:.4f}",
                              f"{row['final_accuracy_std']:.4f}", len(compare.seeds), f"{row['final_loss_mean']:.4f}",
                              f"{row['auc']:.4f}", int(row["inner_steps"]), f"{row['wall_time']:.2f}",
-                             row["memory_short"], row["memory_long"]])
-        for name, row in summary["baselines"].items():
+                             row["memory_short"], row["memory_long"]]
+                            + [f"{row['longer_horizons'][steps][stat]:.4f}" for steps in longer
+                               for stat in ("mean", "std")])
+        for name, row in summary["baselines"].items():  # baselines: std = standard error over tasks
             writer.writerow([name, "baseline", f"lr={row['learning_rate']}", f"{row['accuracy']:.4f}",
                              f"{row['accuracy_stderr']:.4f}", "", "" if row["cross_entropy"] is None else
-                             f"{row['cross_entropy']:.4f}", "", "", "", "", ""])
+                             f"{row['cross_entropy']:.4f}", "", "", "", "", ""]
+                            + [f"{summary['baselines_longer'][steps][name][key]:.4f}" for steps in longer
+                               for key in ("accuracy", "accuracy_stderr")])
     with open(out_dir / "curves.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "seed", "inner_steps", "wall_time_s", "heldout_accuracy", "heldout_cross_entropy",
@@ -741,6 +822,8 @@ def comparison_figures(title: str, runs, summary, chance: float | None = None) -
 def _markdown(config: Config, compare: CompareConfig, summary, plots: list[str]) -> str:
     methods, baselines = summary["methods"], summary["baselines"]
     short, long = summary["memory_steps"][0], summary["memory_steps"][-1]
+    longer = summary["longer_horizons"]
+    extra_head = "".join(f" held-out at T = {steps} |" for steps in longer)
     lines = [
         "# blur compare",
         "",
@@ -751,25 +834,33 @@ def _markdown(config: Config, compare: CompareConfig, summary, plots: list[str])
         f"Final scores on {config.report.test_tasks} held-out test tasks; curves on {compare.heldout_tasks} others.",
         "",
         "| method | kind | final held-out accuracy (mean ± std over seeds) | cross-entropy | accuracy AUC "
-        f"| inner steps | wall clock (s) | temp memory T={short} | T={long} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| inner steps | wall clock (s) | temp memory T={short} | T={long} |{extra_head}",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(longer),
     ]
     for name, row in methods.items():
         diverged = f" (meta-gradient diverged, seeds {row['diverged_seeds']})" if row.get("diverged_seeds") else ""
         lines.append(f"| {name} | {row['kind']} ({row['detail']}) | {row['final_accuracy_mean']:.3f} ± "
                      f"{row['final_accuracy_std']:.3f}{diverged} | {row['final_loss_mean']:.3f} | {row['auc']:.3f} | "
                      f"{int(row['inner_steps'])} | {row['wall_time']:.1f} | {_bytes(row['memory_short'])} | "
-                     f"{_bytes(row['memory_long'])} |")
+                     f"{_bytes(row['memory_long'])} |"
+                     + "".join(f" {row['longer_horizons'][steps]['mean']:.3f} ± {row['longer_horizons'][steps]['std']:.3f} |"
+                               for steps in longer))
     for name, row in baselines.items():
         ce = "diverged" if row["cross_entropy"] is None else f"{row['cross_entropy']:.3f}"
         lines.append(f"| {name} | tuned baseline (lr {row['learning_rate']}) | {row['accuracy']:.3f} ± "
-                     f"{row['accuracy_stderr']:.3f} (stderr over tasks) | {ce} | | | | | |")
+                     f"{row['accuracy_stderr']:.3f} (stderr over tasks) | {ce} | | | | | |"
+                     + "".join(f" {summary['baselines_longer'][steps][name]['accuracy']:.3f} ± "
+                               f"{summary['baselines_longer'][steps][name]['accuracy_stderr']:.3f} "
+                               f"(lr {summary['baselines_longer'][steps][name]['learning_rate']}) |" for steps in longer))
     best = max(methods, key=lambda n: methods[n]["final_accuracy_mean"])
     fastest = max(methods, key=lambda n: methods[n]["auc"])
     lines += [
         "",
         "Accuracy AUC = mean held-out accuracy along the run (area under the accuracy-vs-inner-steps curve "
-        "divided by the budget): higher means a good rule was found with less compute.",
+        "divided by the budget): higher means a good rule was found with less compute."
+        + (f" The columns at T = {', '.join(str(s) for s in longer)} run the same final rules (and the baselines, "
+           "learning rates re-tuned at that horizon on the validation tasks) for longer than they were "
+           "meta-trained for." if longer else ""),
         "",
         "## Summary (generated; read with the spread over seeds in mind)",
         "",
@@ -802,7 +893,9 @@ def main_compare(config_path: str, out_dir: str | None, overrides: Sequence[str]
     summary = run_comparison(config, out_dir, compare, progress=lambda line: print(line, flush=True))
     print(f"report: {Path(out_dir) / 'report.md'}")
     for name, row in summary["methods"].items():
-        print(f"  {name:<24} {row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f}")
+        longer = "".join(f"   at T = {steps}: {stats['mean']:.3f} ± {stats['std']:.3f}"
+                         for steps, stats in row["longer_horizons"].items())
+        print(f"  {name:<24} {row['final_accuracy_mean']:.3f} ± {row['final_accuracy_std']:.3f}{longer}")
     return 0
 
 

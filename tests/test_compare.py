@@ -21,7 +21,8 @@ def test_compare_smoke_writes_report_csv_and_plots(tmp_path, capsys):
     printed = capsys.readouterr()
     assert code == 0, printed.err
     report = (out / "report.md").read_text()
-    methods = ("CMA-ES", "full backprop", "truncated", "PES", "EvoGrad", "BMG", "optimistic BMG", "iMAML", "CML")
+    methods = ("CMA-ES", "full backprop", "truncated", "PES", "EvoGrad", "BMG", "optimistic BMG", "iMAML", "CML",
+               "WarpGrad", "sgd", "adam")
     for method in methods:
         assert method in report and method in printed.out
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -34,6 +35,11 @@ def test_compare_smoke_writes_report_csv_and_plots(tmp_path, capsys):
     assert memory["full backprop"][1] > 2 * memory["full backprop"][0]  # backprop through the unroll grows
     for flat in ("CMA-ES", "truncated", "PES", "EvoGrad", "BMG"):
         assert memory[flat][1] == memory[flat][0]  # the others do not grow with T
+    # every row is scored at T and at 4T (baselines re-tuned there): a number per row, and the 4T column differs
+    longer = {row["method"]: float(row["accuracy_T16_mean"]) for row in rows}
+    assert set(longer) == {row["method"] for row in rows} and all(0.0 <= v <= 1.0 for v in longer.values())
+    assert longer != {row["method"]: float(row["final_accuracy_mean"]) for row in rows}
+    assert "held-out at T = 16" in report
 
 
 def test_compare_rejects_a_bad_section(tmp_path, capsys):
@@ -85,6 +91,13 @@ def test_compare_refuses_curricula_that_count_generations_or_meta_steps(override
      "compare.methods[0].options.cg_steps: must be an integer >= 1"),
     ("compare.methods=[{name: x, kind: learned_init, estimator: imaml, options: {n_cg: 3}}]",
      "compare.methods[0].options.n_cg: unknown option"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: warpgrad, options: {replay_batch: 0}}]",
+     "compare.methods[0].options.replay_batch: must be an integer >= 1"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: warpgrad, options: {inner_lr: -0.1}}]",
+     "compare.methods[0].options.inner_lr: must be a positive finite number"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: warpgrad, options: {lam: 2}}]",
+     "compare.methods[0].options.lam: unknown option"),
+    ("compare.horizon_multiples=[0]", "compare.horizon_multiples: expected distinct integers"),
 ])
 def test_learned_init_methods_refuse_bad_values(tmp_path, capsys, edit, needle):
     code = main(["compare", str(ROOT / "configs" / "compare_smoke.yaml"), "--out", str(tmp_path / "x"), "--set", edit])
