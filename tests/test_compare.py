@@ -105,3 +105,23 @@ def test_learned_init_methods_refuse_bad_values(tmp_path, capsys, edit, needle):
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_diverging_meta_learner_is_reported_in_its_row_and_the_comparison_goes_on(tmp_path, capsys):
+    """An inner learning rate that overflows makes the meta-gradient non-finite at the first meta-step: the run
+    stops as diverged, its row says so, and the other methods and the report are still produced."""
+    methods = ("[{name: CML, kind: learned_init, estimator: cml, learning_rate: 0.001, options: {lam: 2.0}}, "
+               "{name: boom iMAML, kind: learned_init, estimator: imaml, options: {inner_lr: 1.0e+30}}, "
+               "{name: boom WarpGrad, kind: learned_init, estimator: warpgrad, options: {inner_lr: 3.0e+38}}]")
+    out = tmp_path / "cmp"
+    code = main(["compare", str(ROOT / "configs" / "compare_smoke.yaml"), "--out", str(out), "--set",
+                 "compare.seeds=[0]", "--set", f"compare.methods={methods}", "--set", "compare.baselines=false",
+                 "--set", "compare.horizon_multiples=[1]"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    summary = __import__("json").loads((out / "compare.json").read_text())["summary"]["methods"]
+    assert summary["boom iMAML"]["diverged_seeds"] == [0] and summary["boom WarpGrad"]["diverged_seeds"] == [0]
+    assert summary["CML"]["diverged_seeds"] == [] and summary["CML"]["inner_steps"] >= 240
+    assert summary["boom iMAML"]["inner_steps"] < 240  # stopped at the first non-finite meta-step
+    report = (out / "report.md").read_text()
+    assert report.count("meta-gradient diverged, seeds [0]") == 2
