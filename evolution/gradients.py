@@ -111,6 +111,10 @@ class EstimatorConfig:
             ("bmg_bootstrap", self.bmg_bootstrap >= 0, "must be >= 0"),
             ("bmg_matching", self.bmg_matching in BMG_MATCHING, f"must be one of {', '.join(BMG_MATCHING)}"),
             ("bmg_target_lr", self.bmg_target_lr >= 0, "must be >= 0"),
+            # L = 0 with no target gradient step makes the target the learner itself: a zero meta-gradient
+            ("bmg_bootstrap", self.bmg_bootstrap >= 1 or self.bmg_target_lr > 0 or self.bmg_matching == "query_loss",
+             "must be >= 1 unless bmg_target_lr > 0 or bmg_matching is query_loss (the target would be the learner "
+             "itself)"),
         ]
         for name, ok, message in checks:
             if not ok:

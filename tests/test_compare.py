@@ -99,6 +99,13 @@ def test_compare_refuses_curricula_that_count_generations_or_meta_steps(override
     ("compare.methods=[{name: x, kind: learned_init, estimator: warpgrad, options: {lam: 2}}]",
      "compare.methods[0].options.lam: unknown option"),
     ("compare.horizon_multiples=[0]", "compare.horizon_multiples: expected distinct integers"),
+    ("compare.methods=[{name: x, kind: gradient, estimator: bmg, options: {bmg_bootstrap: 0}}]",
+     "estimator.bmg_bootstrap must be >= 1 unless"),
+    ("compare.methods=[{name: x, kind: gradient, estimator: bmg, options: {bmg_bootstrap: -2}}]",
+     "estimator.bmg_bootstrap must be >= 0"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: cml, options: {lam: -2.0}}]",
+     "compare.methods[0].options.lam: must be a positive finite number"),
+    ("compare.methods=[{name: x, kind: evolution}]", "compare.methods[0].kind: must be one of"),
 ])
 def test_learned_init_methods_refuse_bad_values(tmp_path, capsys, edit, needle):
     code = main(["compare", str(ROOT / "configs" / "compare_smoke.yaml"), "--out", str(tmp_path / "x"), "--set", edit])
