@@ -4,7 +4,8 @@ Every method starts from the same initial genome (``strategy.init``), meta-train
 (train split) and is measured on the same held-out tasks (test split) whenever it has consumed another
 ``budget / num_points`` inner steps, until the shared inner-step budget (and optional wall-clock limit) is
 spent. Each method runs once per seed. The final genomes are then scored next to tuned SGD, SGD+momentum,
-Adam and the tuned backprop genome with :func:`workers.report.compare_on_heldout`.
+Adam and the tuned backprop genome with :func:`workers.report.compare_on_heldout`, at T and at every
+``horizon_multiples`` multiple of T (default ``[1, 4]``; learning rates re-tuned per horizon).
 
 The YAML file is an ordinary experiment config (network, task, episode, strategy, run, report) plus a
 ``compare:`` section, parsed here::
