@@ -26,7 +26,7 @@ def test_compare_smoke_writes_report_csv_and_plots(tmp_path, capsys):
     for method in methods:
         assert method in report and method in printed.out
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert {row["method"] for row in rows} >= set(methods) | {"SGD", "Adam"}
+    assert {row["method"] for row in rows} >= set(methods) | {"SGD", "SGD+momentum", "Adam", "backprop genome"}
     budgets = {row["method"]: float(row["inner_steps"]) for row in rows if "inner_steps" in row and row["inner_steps"]}
     assert budgets and max(budgets.values()) <= 240 * 1.25  # equal inner-step budgets
     assert sorted(p.name for p in out.glob("*.png"))
