@@ -246,6 +246,12 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> tupl
         raise ConfigError("run.curriculum.every: blur compare counts the curriculum in inner steps so that every "
                           "method has the same horizon at the same budget point; use run.curriculum.every_inner_steps")
     for index, method in enumerate(compare.methods):
+        if method.kind == "learned_init" and method.estimator == "warpgrad":
+            points = (method.tasks_per_step or config.run.tasks_per_generation) * config.episode.num_steps
+            if method.options.get("replay_batch", 1) > points:
+                raise ConfigError(f"compare.methods[{index}].options.replay_batch: at most the {points} points a "
+                                  f"meta-step stores (tasks per step x episode.num_steps), got "
+                                  f"{method.options['replay_batch']}")
         if method.curriculum_every:
             raise ConfigError(f"compare.methods[{index}].curriculum_every: use run.curriculum.every_inner_steps, "
                               "shared by every method")

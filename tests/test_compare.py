@@ -106,6 +106,8 @@ def test_compare_refuses_curricula_that_count_generations_or_meta_steps(override
     ("compare.methods=[{name: x, kind: learned_init, estimator: cml, options: {lam: -2.0}}]",
      "compare.methods[0].options.lam: must be a positive finite number"),
     ("compare.methods=[{name: x, kind: evolution}]", "compare.methods[0].kind: must be one of"),
+    ("compare.methods=[{name: x, kind: learned_init, estimator: warpgrad, options: {replay_batch: 9}}]",
+     "compare.methods[0].options.replay_batch: at most the 8 points"),
 ])
 def test_learned_init_methods_refuse_bad_values(tmp_path, capsys, edit, needle):
     code = main(["compare", str(ROOT / "configs" / "compare_smoke.yaml"), "--out", str(tmp_path / "x"), "--set", edit])
