@@ -19,8 +19,9 @@ and each replayed minibatch of ``replay_batch`` points (official default 1) is o
 The initialization θ_0 is meta-learned as in the official ``warp_leap`` default by "simplified Leap": its
 gradient is the mean over tasks of ``Σ_k (θ_k − θ_{k+1}) / ‖θ_k − θ_{k+1}‖`` over consecutive stored states.
 
-Functions are pure and jittable; ``Warped`` pytrees hold ``init`` (task layers, bias as the last row, as
-:func:`workers.baselines.init_mlp`) and ``warps`` (``[H + 1, H]`` per hidden layer, bias as the last row).
+Functions are pure and jittable. Task layers are lists of ``[n_in + 1, n_out]`` arrays (bias as the last row,
+as :func:`workers.baselines.init_mlp`); warps are lists of ``[H + 1, H]`` arrays, one per hidden layer (bias as
+the last row); :class:`MetaState` holds both with their optimizer states.
 """
 
 from __future__ import annotations
