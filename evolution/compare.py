@@ -435,9 +435,8 @@ def _sgd_from(weights, tasks, learning_rate: float, layer_sizes, activation: str
     ``warps``, warped SGD through those warp layers (WarpGrad's learner)."""
     num_tasks, num_steps = tasks.query_y.shape[0], tasks.support_x.shape[1]
     if warps is not None:
-        num_updates = num_steps - 1 if skip_last_update and num_steps > 0 else num_steps
-        return _warped_sgd(list(weights), list(warps), tasks, jnp.asarray(learning_rate, jnp.float32), num_updates,
-                           activation)
+        return _warped_sgd(list(weights), list(warps), tasks, jnp.asarray(learning_rate, jnp.float32),
+                           BL.updates_per_episode(num_steps, skip_last_update), activation)
     init = [jnp.broadcast_to(w, (num_tasks,) + w.shape) for w in weights]
     return BL.run_baseline("sgd", learning_rate, layer_sizes, tasks, jax.random.key(0), activation=activation,
                            skip_last_update=skip_last_update, init_weights=init)

@@ -158,7 +158,7 @@ def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequenc
     num_tasks, num_steps, _, num_inputs = tasks.support_x.shape
     if num_inputs != layer_sizes[0]:
         raise ValueError(f"layer_sizes[0]={layer_sizes[0]} does not match the tasks' {num_inputs} inputs")
-    num_updates = num_steps - 1 if skip_last_update and num_steps > 0 else num_steps
+    num_updates = updates_per_episode(num_steps, skip_last_update)
     curve_steps = tuple(int(s) for s in curve_steps)
     if any(not 0 <= s <= num_updates for s in curve_steps):
         raise ValueError(f"curve_steps must lie in 0..{num_updates}, got {curve_steps}")
@@ -173,6 +173,11 @@ def run_baseline(optimizer_name: str, learning_rate: float, layer_sizes: Sequenc
         weights = _init_batch(init_keys, layer_sizes)
     return _run(optimizer_name, jnp.asarray(learning_rate, jnp.float32), activation, curve_steps, num_updates,
                 tasks, weights)
+
+
+def updates_per_episode(num_steps: int, skip_last_update: bool) -> int:
+    """The updates a T-step training makes: T, or T - 1 with ``skip_last_update`` (the engine's paper variant)."""
+    return num_steps - 1 if skip_last_update and num_steps > 0 else num_steps
 
 
 def _mean_scores(result) -> tuple[float, float]:
