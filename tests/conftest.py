@@ -6,6 +6,15 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 in tests
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# XLA's persistent compilation cache, shared by every test module (each runs in its own pytest process), the
+# CLI subprocesses they start and later sessions in this checkout: a process that meets an executable another
+# one compiled loads it instead of compiling it again (the same executable, so the same numbers, bit for bit).
+# JAX keys entries by the computation, the compile options, the JAX/XLA version and the CPU.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                                   "xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # run signing keys of the tests' runs go to a scratch key store, never to the user's
 if "BLUR_KEY_DIR" not in os.environ:
     import tempfile

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import sys
 from pathlib import Path
 
@@ -18,11 +17,11 @@ KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy
                   "run.validation_every=3"]
 
 
-# XLA's persistent compilation cache, shared by the CLI subprocesses of one test session: every process
+# XLA's persistent compilation cache (set up by conftest.py), passed on to the CLI subprocesses: every process
 # after the first loads the engine's executables instead of compiling them (same executables, same numbers)
-_COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="blur-test-xla-cache-"),
-                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+_CACHE_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+_COMPILATION_CACHE = {key: os.environ[key] for key in _CACHE_KEYS if key in os.environ}
 
 
 def blur(*args, env=None, **kwargs) -> subprocess.Popen:
