@@ -270,16 +270,24 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
 
 def curves_figure(report: dict[str, Any], curve_steps: list[int], title: str):
     """Learning curves of a held-out report: mean query accuracy over the report's tasks after each number of
-    inner steps (every ~5% of the horizon), and the chance line."""
+    inner steps (every ~5% of the horizon) with a band of ± one standard error over tasks where the report
+    has it (reports written before it stored ``curve_stderr`` plot the mean only, and the label says so), and
+    the chance line."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    banded = all(row.get("curve_stderr") for row in report["methods"].values())
     for method, row in report["methods"].items():
-        ax.plot(curve_steps, row["curve"], marker="o", markersize=3, label=method)
+        mean = np.asarray(row["curve"], dtype=float)
+        ax.plot(curve_steps, mean, marker="o", markersize=3, label=method)
+        if banded:
+            error = np.asarray(row["curve_stderr"], dtype=float)
+            ax.fill_between(curve_steps, mean - error, mean + error, alpha=0.2)
     n_way = report.get("n_way")
     if n_way:
         ax.axhline(1.0 / n_way, color="0.5", linewidth=1, linestyle=(0, (4, 4)), label=f"chance (1/{n_way})")
     ax.set_xlabel("inner steps")
-    ax.set_ylabel(f"query accuracy (mean over {report.get('num_tasks', '?')} held-out tasks)")
+    spread = "mean ± s.e." if banded else "mean"
+    ax.set_ylabel(f"query accuracy ({spread} over {report.get('num_tasks', '?')} held-out tasks)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

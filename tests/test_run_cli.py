@@ -396,3 +396,10 @@ def test_comparison_and_learning_curve_plots_label_their_error_bars_chance_and_s
     ax = curves_figure(report, [0, 5, 10], "rule on digits").axes[0]
     assert ax.get_title() == "rule on digits" and ax.get_ylabel() == "query accuracy (mean over 16 held-out tasks)"
     assert "chance (1/3)" in [line.get_label() for line in ax.get_lines()]
+    assert not ax.collections  # no spread stored: no band, and the label says "mean"
+    report["methods"]["rule"]["curve_stderr"] = [0.01, 0.02, 0.03]
+    ax = curves_figure(report, [0, 5, 10], "rule on digits").axes[0]
+    assert ax.get_ylabel() == "query accuracy (mean ± s.e. over 16 held-out tasks)"
+    (band,) = ax.collections  # ± one standard error over tasks around the mean
+    np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].min(), 0.29)
+    np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].max(), 0.63)
