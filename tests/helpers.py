@@ -20,7 +20,7 @@ KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy
 # XLA's persistent compilation cache (set up by conftest.py), passed on to the CLI subprocesses: every process
 # after the first loads the engine's executables instead of compiling them (same executables, same numbers)
 _CACHE_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAX_COMPILATION_CACHE_MAX_SIZE")
 _COMPILATION_CACHE = {key: os.environ[key] for key in _CACHE_KEYS if key in os.environ}
 
 
