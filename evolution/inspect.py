@@ -268,6 +268,16 @@ def inspect_path(path: Path, as_json: bool = False, plot: str | None = None) -> 
     return 0
 
 
+def _curve(ax, steps, row: dict[str, Any], label: str, banded: bool, markersize: float) -> None:
+    """One method's mean learning curve (``row["curve"]``) and, if ``banded``, its band of ± one standard
+    error over tasks (``row["curve_stderr"]``)."""
+    mean = np.asarray(row["curve"], dtype=float)
+    ax.plot(steps, mean, marker="o", markersize=markersize, label=label)
+    if banded:
+        error = np.asarray(row["curve_stderr"], dtype=float)
+        ax.fill_between(steps, mean - error, mean + error, alpha=0.2)
+
+
 def curves_figure(report: dict[str, Any], curve_steps: list[int], title: str):
     """Learning curves of a held-out report: mean query accuracy over the report's tasks after each number of
     inner steps (every ~5% of the horizon) with a band of ± one standard error over tasks where the report
@@ -277,11 +287,7 @@ def curves_figure(report: dict[str, Any], curve_steps: list[int], title: str):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     banded = all(row.get("curve_stderr") for row in report["methods"].values())
     for method, row in report["methods"].items():
-        mean = np.asarray(row["curve"], dtype=float)
-        ax.plot(curve_steps, mean, marker="o", markersize=3, label=method)
-        if banded:
-            error = np.asarray(row["curve_stderr"], dtype=float)
-            ax.fill_between(curve_steps, mean - error, mean + error, alpha=0.2)
+        _curve(ax, curve_steps, row, method, banded, markersize=3)
     n_way = report.get("n_way")
     if n_way:
         ax.axhline(1.0 / n_way, color="0.5", linewidth=1, linestyle=(0, (4, 4)), label=f"chance (1/{n_way})")
@@ -397,9 +403,7 @@ def generalization_figure(report: dict[str, Any], title: str):
         cell = setting["horizons"][horizon]
         steps = cell["curve_steps"]
         for method, row in cell["methods"].items():
-            mean, error = np.asarray(row["curve"]), np.asarray(row["curve_stderr"])
-            ax.plot(steps, mean, marker="o", markersize=2.5, label=method)
-            ax.fill_between(steps, mean - error, mean + error, alpha=0.2)
+            _curve(ax, steps, row, method, True, markersize=2.5)
         ax.axhline(1.0 / setting["n_way"], color="0.5", linewidth=1, linestyle=(0, (4, 4)),
                    label=f"chance (1/{setting['n_way']})")
         ax.set_xlabel("inner steps")

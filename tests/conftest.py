@@ -20,8 +20,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    "xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# a size bound turns on the cache's file lock, so processes that run at the same time (the README runs two
-# test modules at once, and modules start several CLI subprocesses) never read an entry half written
+# a size bound turns on the cache's file lock, so processes that run at the same time (several tests start
+# CLI subprocesses side by side) never read an entry half written
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 # run signing keys of the tests' runs go to a scratch key store, never to the user's
 if "BLUR_KEY_DIR" not in os.environ:

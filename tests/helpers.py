@@ -17,18 +17,13 @@ KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy
                   "run.validation_every=3"]
 
 
-# XLA's persistent compilation cache (set up by conftest.py), passed on to the CLI subprocesses: every process
-# after the first loads the engine's executables instead of compiling them (same executables, same numbers)
-_CACHE_KEYS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAX_COMPILATION_CACHE_MAX_SIZE")
-_COMPILATION_CACHE = {key: os.environ[key] for key in _CACHE_KEYS if key in os.environ}
-
-
 def blur(*args, env=None, **kwargs) -> subprocess.Popen:
-    """``blur ARGS`` as a subprocess (text pipes), with the session's compilation cache."""
+    """``blur ARGS`` as a subprocess (text pipes). It inherits the environment that conftest.py sets up, so it
+    uses the suite's XLA flags and persistent compilation cache (it loads the executables another process
+    compiled: same executables, same numbers)."""
     return subprocess.Popen([sys.executable, "-m", "evolution.cli", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **_COMPILATION_CACHE, **(env or {})}, **kwargs)
+                            env={**os.environ, **(env or {})}, **kwargs)
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
