@@ -271,7 +271,8 @@ class RayEvaluator:
         self.max_retries = max_retries
         self.max_restarts = max_retries if max_restarts is None else max_restarts
         self.restart_timeout_s = restart_timeout_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _in_flight, read from other threads
+        self._driver = threading.Lock()  # held by evaluate: only one thread drives the actors at a time
         self._in_flight: dict[int, _Slot] = {}
         self._probes: dict[Any, _Slot] = {}  # info() calls to actors that died: answered once restarted
         self._last_death = ""
@@ -335,6 +336,7 @@ class RayEvaluator:
 
     def describe(self) -> dict[str, Any]:
         """Cluster shape and worker placement, for a run's provenance."""
+        self._refresh()
         nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
         return {
             "kind": "ray", "ray_version": ray.__version__, "address": self.address,
@@ -348,7 +350,9 @@ class RayEvaluator:
         }
 
     def worker_pids(self) -> list[int | None]:
-        """Process id of each worker as last seen (None once dead)."""
+        """Process id of each worker as last seen (None once dead); a restarted worker's new pid shows once
+        its restart probe has answered, which this call checks for without waiting."""
+        self._refresh()
         return [s.info.get("pid") if s.state != "dead" else None for s in self._slots]
 
     def in_flight(self) -> list[dict[str, Any]]:
@@ -357,11 +361,26 @@ class RayEvaluator:
             return [{"shard": shard, "worker": slot.index, "pid": slot.info.get("pid")}
                     for shard, slot in self._in_flight.items()]
 
+    def _refresh(self) -> None:
+        """Take in the answers of restarted actors, unless an evaluation in another thread is driving them
+        (it takes them in itself)."""
+        if self._closed or not self._driver.acquire(blocking=False):
+            return
+        try:
+            self._poll_probes(timeout=0)
+        finally:
+            self._driver.release()
+
     # ----------------------------------------------------------------------------------- evaluate
     def evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int,
                  setting: int = 0) -> Evaluation:
         if self._closed:
             raise RuntimeError("RayEvaluator is closed")
+        with self._driver:
+            return self._evaluate(vectors, split, task_key, num_tasks, num_steps, setting)
+
+    def _evaluate(self, vectors, split: str, task_key: jax.Array, num_tasks: int, num_steps: int,
+                  setting: int) -> Evaluation:
         start = time.perf_counter()
         self._poll_probes(timeout=0)
         usable = [s for s in self._slots if s.state == "alive"] or [s for s in self._slots if s.state == "suspect"]
