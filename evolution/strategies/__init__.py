@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from .base import Strategy
-from .evosax import EVOSAX_STRATEGIES, EvosaxState, EvosaxStrategy
-from .pycma import PYCMA_STRATEGIES, PycmaState, PycmaStrategy
+from .names import EVOSAX_STRATEGIES, PYCMA_STRATEGIES
 
 STRATEGIES: dict[str, str] = {**PYCMA_STRATEGIES, **EVOSAX_STRATEGIES}
 
@@ -61,5 +60,21 @@ def make_strategy(
             raise ValueError(f"option names must be strings, got {key!r}")
     population_size = None if population_size is None else int(population_size)
     if name in PYCMA_STRATEGIES:
+        from .pycma import PycmaStrategy
+
         return PycmaStrategy.create(int(num_dims), population_size, options)
+    from .evosax import EvosaxStrategy
+
     return EvosaxStrategy.create(name, int(num_dims), population_size, options)
+
+
+_ADAPTERS = {"EvosaxState": "evosax", "EvosaxStrategy": "evosax", "PycmaState": "pycma", "PycmaStrategy": "pycma"}
+
+
+def __getattr__(name: str) -> Any:
+    """The adapters' classes, imported on first use (each adapter imports its backend library)."""
+    if name in _ADAPTERS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_ADAPTERS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,7 @@ from evosax.core import fitness_shaping as shaping
 from evosax.core.optimizer import clipup, scale_by_clipup
 from flax import serialization, struct
 
+from .names import EVOSAX_STRATEGIES
 from .base import (
     check_options,
     default_population_size,
@@ -55,23 +56,6 @@ from .base import (
 
 __all__ = ["EVOSAX_STRATEGIES", "EvosaxState", "EvosaxStrategy"]
 
-# the names this adapter builds -> one-line description
-EVOSAX_STRATEGIES: dict[str, str] = {
-    "cma_es": "evosax CMA_ES: full-covariance CMA-ES in JAX (usable inside lax.scan)",
-    "sep_cma_es": "evosax Sep_CMA_ES: diagonal-covariance CMA-ES, linear cost in dimension",
-    "open_es": "evosax Open_ES: OpenAI-ES, antithetic Gaussian gradient estimate + optax optimizer",
-    "pgpe": "evosax PGPE: symmetric sampling with per-coordinate std adaptation, ClipUp",
-    "snes": "evosax SNES: separable natural evolution strategy",
-    "xnes": "evosax xNES: exponential natural evolution strategy (full covariance)",
-    "persistent_es": (
-        "evosax PersistentES: unbiased ES for truncated unrolls; needs per-candidate inner state "
-        "carried across generations (see unroll_start)"
-    ),
-    "noise_reuse_es": (
-        "evosax NoiseReuseES: reuses each candidate's perturbation over a whole unroll; needs "
-        "per-candidate inner state carried across generations (see unroll_start)"
-    ),
-}
 
 
 _FITNESS_SHAPING: dict[str, Callable] = {

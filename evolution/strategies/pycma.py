@@ -54,16 +54,10 @@ import jax
 import numpy as np
 
 from .base import check_options, pack_state, unpack_state
+from .names import PYCMA_STRATEGIES
 
 __all__ = ["PYCMA_STRATEGIES", "PycmaState", "PycmaStrategy"]
 
-# the names this adapter builds -> one-line description
-PYCMA_STRATEGIES: dict[str, str] = {
-    "pycma": (
-        "CMA-ES from pycma (cma.CMAEvolutionStrategy); pycma options pass through; "
-        "IPOP (restarts=n) and BIPOP (restarts=n, bipop=True) restarts; noise_handler option"
-    ),
-}
 
 
 _ADAPTER_OPTIONS = {
