@@ -46,16 +46,15 @@ from evosax.core import fitness_shaping as shaping
 from evosax.core.optimizer import clipup, scale_by_clipup
 from flax import serialization, struct
 
-from .names import EVOSAX_STRATEGIES
 from .base import (
     check_options,
     default_population_size,
     pack_state,
     unpack_state,
 )
+from .names import EVOSAX_STRATEGIES
 
 __all__ = ["EVOSAX_STRATEGIES", "EvosaxState", "EvosaxStrategy"]
-
 
 
 _FITNESS_SHAPING: dict[str, Callable] = {
