@@ -42,9 +42,8 @@ def test_importing_the_core_loads_neither_ray_nor_torch():
     assert out.stdout.strip() == "[]"
 
 
-
 def test_a_strategy_backend_is_imported_only_by_the_run_that_uses_it():
-    """pycma (with scipy.stats) and evosax (with flax, optax) cost 1.5 s and 0.5 s of every CLI start: the
+    """pycma (with scipy.stats) and evosax (with flax, optax) cost 1.5 s and 0.5 s of a CLI start: the
     package imports neither, and building a strategy imports only its own backend."""
     code = ("import sys, evolution.cli, evolution.run, evolution.strategies as S; "
             "loaded = lambda: [m for m in ('cma', 'evosax') if m in sys.modules]; "

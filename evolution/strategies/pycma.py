@@ -59,7 +59,6 @@ from .names import PYCMA_STRATEGIES
 __all__ = ["PYCMA_STRATEGIES", "PycmaState", "PycmaStrategy"]
 
 
-
 _ADAPTER_OPTIONS = {
     "restarts": "maximal number of restarts (IPOP unless bipop), default 0",
     "bipop": "BIPOP restart regime (bool, or the small/large budget ratio), default False",
