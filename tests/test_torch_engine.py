@@ -4,8 +4,6 @@ that differ from fp32 only by rounding, reproducibility, chunk independence, and
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +19,7 @@ from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
 
-from helpers import KILL_OVERRIDES, SMOKE, blur, metric_rows, same_genome, set_args
+from helpers import KILL_OVERRIDES, SMOKE, blur, kill_after_rows, metric_rows, same_genome, set_args
 
 HAS_BF16 = bool(TE.bf16_units(TE.cpu_flags()))
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 GEMM units")
@@ -179,23 +177,16 @@ def test_bad_backend_settings_are_one_line_errors(overrides, message, capsys, tm
 
 def test_a_torch_run_resumes_exactly_after_kill_9_and_records_its_backend(tmp_path):
     overrides = [*KILL_OVERRIDES, "evaluator.backend=torch", "evaluator.torch_compile=false"]
-    full = tmp_path / "full"
-    proc = blur("evolve", SMOKE, "--out", full, "--quiet", *set_args(overrides))
+    full, out = tmp_path / "full", tmp_path / "killed"
+    proc = blur("evolve", SMOKE, "--out", full, "--quiet", *set_args(overrides))  # and the killed run at once
+    kill_after_rows(blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides)), out, 5)
+    assert len(metric_rows(out)) < 24
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     evaluator = json.loads((full / "provenance.json").read_text())["evaluator"]
     assert evaluator["backend"] == "torch" and evaluator["precision"] == "float32"
     assert evaluator["torch_compile"] is False
 
-    out = tmp_path / "killed"
-    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides))
-    deadline = time.time() + 300
-    while time.time() < deadline and not (
-            (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL and len(metric_rows(out)) < 24
     config = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(config.replace("backend: torch", "backend: jax"))
     refused = blur("resume", out, "--quiet")

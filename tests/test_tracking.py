@@ -40,11 +40,19 @@ def evolve(out, overrides, env=None):
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tracking") / "full"
-    code, err = evolve(out, TRACKED)
-    assert code == 0, err
-    return out
+def runs(tmp_path_factory):
+    """A tracked run to completion, and beside it the same run SIGKILLed after generation 13."""
+    base = tmp_path_factory.mktemp("tracking")
+    procs = [blur("evolve", SMOKE, "--out", base / name, "--quiet", *set_args(TRACKED), env=env)
+             for name, env in (("full", None), ("killed", {"BLUR_FAILPOINTS": "generation:13:SIGKILL"}))]
+    (_, err), (_, killed_err) = (proc.communicate(timeout=600) for proc in procs)
+    assert procs[0].returncode == 0, err
+    return base / "full", (base / "killed", procs[1].returncode, killed_err)
+
+
+@pytest.fixture(scope="module")
+def tracked(runs):
+    return runs[0]
 
 
 def test_a_tracked_run_has_every_generation_and_the_report_in_both_backends(tracked):
@@ -66,10 +74,9 @@ def test_a_tracked_run_has_every_generation_and_the_report_in_both_backends(trac
     assert "held_out.evolved_rule.accuracy" in run.data.metrics
 
 
-def test_kill_9_and_resume_continue_the_same_tracking_runs_with_contiguous_steps(tracked, tmp_path):
-    out = tmp_path / "killed"
-    code, _ = evolve(out, TRACKED, env={"BLUR_FAILPOINTS": "generation:13:SIGKILL"})
-    assert code == -signal.SIGKILL
+def test_kill_9_and_resume_continue_the_same_tracking_runs_with_contiguous_steps(runs, tracked):
+    out, code, err = runs[1]
+    assert code == -signal.SIGKILL, err
     resumed = blur("resume", out, "--quiet")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err
