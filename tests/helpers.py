@@ -37,14 +37,12 @@ def set_args(overrides):
 
 def evolve_ok(out: Path, overrides) -> Path:
     """``blur evolve configs/smoke.yaml --out OUT --quiet --set ...`` to completion (asserting exit 0)."""
-    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides))
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
+    evolve_all_ok({out: overrides})
     return out
 
 
 def evolve_all_ok(runs: dict[Path, list[str]]) -> None:
-    """Like :func:`evolve_ok` for every ``out: overrides`` of ``runs``, the runs side by side (their imports and
+    """:func:`evolve_ok` for every ``out: overrides`` of ``runs``, the runs side by side (their imports and
     compilations share the cores)."""
     procs = {out: blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides))
              for out, overrides in runs.items()}
