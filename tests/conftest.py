@@ -33,9 +33,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 # run signing keys of the tests' runs go to a scratch key store, never to the user's
 if "BLUR_KEY_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["BLUR_KEY_DIR"] = tempfile.mkdtemp(prefix="blur-test-keys-")
+    # removed when this pytest process ends (every module's process made one and left it behind before)
+    atexit.register(shutil.rmtree, os.environ["BLUR_KEY_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
