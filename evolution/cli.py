@@ -289,7 +289,9 @@ def _run_and_report(run, quiet: bool) -> int:
         from genome.io import failpoint
 
         failpoint("report")
+        report_start = time.perf_counter()
         report = _report(run, num_steps)
+        report["report_seconds"] = round(time.perf_counter() - report_start, 1)  # `blur runs` shows it
     except Interrupted as error:
         print(f"blur: interrupted ({error}) during the held-out report; the run is complete and checkpointed "
               f"(`blur resume {run.run_dir}` writes the report)", file=sys.stderr)

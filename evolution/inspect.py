@@ -423,13 +423,14 @@ def plot_generalization(report: dict[str, Any], path: Path, title: str) -> Path:
 def run_status(path: Path) -> dict[str, Any]:
     """One run directory at a glance (reads files only, changes nothing): config source, status (running /
     finished / stopped, no report / incomplete / unreadable), generations, best validation accuracy, the
-    evolved rule's held-out accuracy, wall time."""
+    evolved rule's held-out accuracy, wall time of the evolution (generations and validation) and of the
+    held-out report."""
     from evolution.checkpoint import CheckpointError, MetricsLog, load_checkpoint
     from evolution.rundir import lock_holder
 
     info: dict[str, Any] = {"run_dir": str(path), "config": None, "status": "incomplete", "generation": 0,
                             "generations": None, "best_val_accuracy": None, "heldout_accuracy": None,
-                            "wall_time": None}
+                            "wall_time": None, "report_seconds": None}
     try:
         provenance = json.loads((path / "provenance.json").read_text())
         source = provenance.get("config_source")
@@ -461,6 +462,7 @@ def run_status(path: Path) -> dict[str, Any]:
     try:
         report = json.loads((path / "report.json").read_text())
         info["heldout_accuracy"] = report["methods"]["evolved rule"]["accuracy"]
+        info["report_seconds"] = report.get("report_seconds")
     except (OSError, ValueError, KeyError, TypeError):
         report = None
     if lock_holder(path) is not None:
@@ -489,11 +491,14 @@ def list_runs(root: Path, as_json: bool = False) -> int:
     def number(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    print(f"{'run':<32} {'config':<14} {'status':<20} {'gens':>9} {'best val':>8} {'held-out':>8} {'wall':>8}")
+    def seconds(value):
+        return "-" if value is None else f"{value:.0f}s"
+
+    print(f"{'run':<32} {'config':<14} {'status':<20} {'gens':>9} {'best val':>8} {'held-out':>8} {'evolve':>8} "
+          f"{'report':>8}")
     for run in runs:
         gens = f"{run['generation']}/{run['generations'] if run['generations'] is not None else '?'}"
-        wall = "-" if run["wall_time"] is None else f"{run['wall_time']:.0f}s"
         print(f"{Path(run['run_dir']).name[:32]:<32} {(run['config'] or '-')[:14]:<14} {run['status']:<20} "
               f"{gens:>9} {number(run['best_val_accuracy'], '.3f'):>8} {number(run['heldout_accuracy'], '.3f'):>8} "
-              f"{wall:>8}")
+              f"{seconds(run['wall_time']):>8} {seconds(run['report_seconds']):>8}")
     return 0

@@ -333,6 +333,8 @@ def test_blur_runs_lists_status_and_results_and_shipped_configs_resolve_by_name(
     assert code == 0 and runs["busy"]["status"] == "running" and runs["finished"]["status"] == "stopped, no report"
     assert runs["busy"]["config"] == "smoke" and runs["busy"]["generation"] == 24 == runs["busy"]["generations"]
     assert 0 < runs["busy"]["heldout_accuracy"] <= 1 and runs["busy"]["best_val_accuracy"] is not None
+    assert runs["busy"]["wall_time"] > 0 and runs["busy"]["report_seconds"] > 0
+    assert runs["finished"]["report_seconds"] is None
     code, out, _ = run_cli(["runs", str(root)], capsys)
     assert code == 0 and "stopped, no report" in out and "finished" in out  # the lock is released
     monkeypatch.chdir(tmp_path)  # away from the source tree: `smoke` is the shipped config
