@@ -4,7 +4,7 @@ from genome.backprop import backprop_genome, synapses_from_weights, weights_from
 from genome.errors import UserError
 from genome.io import FORMAT_NAME, GenomeFileError, load, save
 from genome.network import Synapses, activate, backward, feedback, forward, hebbian_update, init_synapses
-from genome.network import forward_only_step, has_forward_only_effects, predict, step, step_states
+from genome.network import forward_only_step, has_forward_only_effects, predict, query_logits, step, step_states
 from genome.params import PARAMETERIZATION_VERSION, Genome, layer_genome, neutral_genome, num_dims, random_genome
 from genome.params import ravel, unravel
 from genome.spec import NetworkSpec, SpecError
@@ -32,6 +32,7 @@ __all__ = [
     "forward_only_step",
     "has_forward_only_effects",
     "predict",
+    "query_logits",
     "random_genome",
     "ravel",
     "save",

@@ -380,3 +380,58 @@ def predict(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array)
     """State 0 of the last layer after a forward pass: ``[B, n_out]`` (from synapses normalized first under
     ``synapse_normalization: start``, as the published query step does; always from zero neurons)."""
     return forward(spec, genome, normalize_at_start(spec, synapses)._replace(neurons=()), x)[-1][0]
+
+
+#: query rows per tile of :func:`query_logits` (a tile's neuron states stay in the CPU's caches)
+QUERY_TILE = 512
+
+
+def _folded_layers(spec: NetworkSpec, genome: Genome, blocks: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    """Per layer, the forward pass of state-interleaved neurons as one product: (weights, bias) with
+    ``s[q, c, j] = Σ_{d,i} a[q, d, i] · (η ν[d, c] W[c, i, j]) + η Σ_d ν[d, c] W[c, n, j]``, weights
+    ``[k·n, c·m]`` (rows ``(d, i)``, columns ``(c, j)``; layer 0 reads only state 0 of its input, so its
+    rows are ``i``) and bias ``[c·m]``. Of the last layer only state 0 is kept."""
+    k = spec.num_states
+    layers = []
+    for layer, w in enumerate(blocks):
+        g = layer_genome(spec, genome, layer)
+        targets = 1 if layer == spec.num_layers - 1 else k
+        coef = g.neuron_update * g.forward_transform[:, :targets]  # η ν[d, c]
+        n, m = w.shape[1] - 1, w.shape[2]
+        sources = 1 if layer == 0 else k
+        big = coef[:sources, :, None, None] * w[None, :targets, :-1]  # [d, c, i, j]
+        big = jnp.transpose(big, (0, 2, 1, 3)).reshape(sources * n, targets * m)
+        bias = (jnp.sum(coef, axis=0)[:, None] * w[:targets, -1]).reshape(targets * m)
+        layers.append((big, bias))
+    return layers
+
+
+def query_logits(spec: NetworkSpec, genome: Genome, synapses: Synapses, x: jax.Array) -> jax.Array:
+    """:func:`predict`'s logits ``[Q, n_out]``, computed for a large query set (the paper's 2560 examples).
+
+    A query set of at most :data:`QUERY_TILE` rows is :func:`predict` itself (bit for bit: every small-query
+    config scores exactly as before). A larger one runs with the neuron states interleaved per example
+    (``[Q, k·n]``) so that each layer is one product with the k×k mix and η folded into the (small) synapse
+    block instead of the (large) neuron tensor, only state 0 of the last layer computed, and the rows in
+    tiles of :data:`QUERY_TILE` (the last one zero-padded) so that a tile's states stay in cache: the same
+    sums in another order, equal to :func:`predict` to float rounding. Per-batch activation normalization
+    needs the whole batch at once: that option always uses :func:`predict`."""
+    if spec.activation_norm or x.shape[0] <= QUERY_TILE:
+        return predict(spec, genome, synapses, x)
+    synapses = normalize_at_start(spec, synapses)
+    x = jnp.asarray(x, synapses.forward[0].dtype)
+    layers = _folded_layers(spec, genome, _pass_blocks(spec, synapses.forward))
+
+    def rows(a):  # [q, n_in] -> [q, n_out]
+        for layer, (big, bias) in enumerate(layers):
+            last = layer == spec.num_layers - 1
+            s = (jnp.matmul(a, big) + bias[None]).reshape(a.shape[0], 1 if last else spec.num_states, -1)
+            states = activate(spec.output_activation if last else spec.forward_activation, jnp.moveaxis(s, 1, 0))
+            a = jnp.moveaxis(states, 0, 1).reshape(a.shape[0], -1)  # [q, c·m], states interleaved per example
+        return a
+
+    num_rows = x.shape[0]
+    tiles = -(-num_rows // QUERY_TILE)
+    padded = jnp.concatenate([x, jnp.zeros((tiles * QUERY_TILE - num_rows,) + x.shape[1:], x.dtype)])
+    out = jax.lax.map(rows, padded.reshape((tiles, QUERY_TILE) + x.shape[1:]))
+    return out.reshape((tiles * QUERY_TILE,) + out.shape[2:])[:num_rows]

@@ -204,3 +204,30 @@ def test_grad_through_scan_matches_finite_differences():
                        for i in range(vector.size)])
         assert np.abs(grad).max() > 1e-3
         np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-8)
+
+
+QUERY_VARIANTS = dict(VARIANTS, per_layer=dict(per_layer_genome=True, forward_activation="elu"),
+                      norm_at_start=dict(synapse_normalization="start", output_activation="tanh"))
+
+
+@pytest.mark.parametrize("num_states", [1, 2, 3])
+@pytest.mark.parametrize("variant", sorted(QUERY_VARIANTS))
+def test_query_logits_equal_predict_over_whole_and_padded_tiles(variant, num_states, monkeypatch):
+    """The folded, tiled query pass of large query sets (the engine's scoring) is the forward pass of
+    :func:`predict`: the same logits in float64 for a set of two whole tiles and one of three tiles, the last
+    padded; a set within one tile is :func:`predict` bit for bit (small-query configs score as before)."""
+    monkeypatch.setattr(G.network, "QUERY_TILE", 8)
+    with jax.enable_x64(True):
+        spec = G.NetworkSpec((5, 7, 6, 4), num_states=num_states, **QUERY_VARIANTS[variant])
+        g, syn, _, _ = random_case(spec, seed=num_states)
+        if spec.per_layer_genome:  # random_case's hand-set scalars are shared; a genome per layer pair here
+            g = G.random_genome(spec, jax.random.key(num_states), dtype=jnp.float64)
+        for rows in (8, 16, 21):
+            x = jax.random.normal(jax.random.key(rows), (rows, spec.num_inputs), jnp.float64)
+            folded = jax.jit(lambda g, s, x: G.query_logits(spec, g, s, x))(g, syn, x)
+            plain = jax.jit(lambda g, s, x: G.predict(spec, g, s, x))(g, syn, x)
+            assert folded.shape == (rows, spec.num_outputs)
+            if rows == 8:
+                np.testing.assert_array_equal(folded, plain)
+            else:
+                np.testing.assert_allclose(folded, plain, rtol=1e-10, atol=1e-12)

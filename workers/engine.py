@@ -87,7 +87,7 @@ def train(spec: G.NetworkSpec, genome: G.Genome, task: Task, synapse_key: jax.Ar
         target = min(target, updates)
         synapses = _learn(spec, genome, synapses, task, done, target)
         done = target
-        curve.append(query_scores(G.predict(spec, genome, synapses, task.query_x), task.query_y)[0])
+        curve.append(query_scores(G.query_logits(spec, genome, synapses, task.query_x), task.query_y)[0])
     synapses = finish_unroll(spec, genome, _learn(spec, genome, synapses, task, done, updates), task, horizon)
     order = [sorted(set(horizon.curve_steps)).index(s) for s in horizon.curve_steps]
     curve_values = jnp.stack([curve[i] for i in order]) if curve else jnp.zeros((0,))

@@ -208,8 +208,9 @@ def init_unroll(spec: G.NetworkSpec, synapse_keys: jax.Array, copies: int = 0, d
 
 
 def query_outputs(spec: G.NetworkSpec, genome: G.Genome, synapses: G.Synapses, task: Task):
-    """(accuracy, raw cross-entropy, diverged) of state 0 of the last layer on the task's query set."""
-    logits = G.predict(spec, genome, synapses, task.query_x)
+    """(accuracy, raw cross-entropy, diverged) of state 0 of the last layer on the task's query set
+    (:func:`genome.query_logits`: :func:`genome.predict`'s logits, computed for a large query set)."""
+    logits = G.query_logits(spec, genome, synapses, task.query_x)
     accuracy, cross_entropy = query_scores(logits, task.query_y)
     diverged = ~(jnp.all(jnp.isfinite(logits)) & jnp.isfinite(cross_entropy))
     return accuracy, cross_entropy, diverged
