@@ -200,3 +200,29 @@ def test_a_population_trained_in_chunks_scores_like_one_trained_at_once(monkeypa
     np.testing.assert_array_equal(chunked.accuracy, whole.accuracy)
     monkeypatch.setattr(E, "UNCHUNKED_BYTES", 64 * per_genome)
     assert E.genomes_per_chunk(SPEC.layer_sizes, SPEC.num_states, 7, 3) == 7  # small calls stay whole
+
+
+def test_a_query_set_over_several_tiles_scores_like_predict_episode_by_episode(monkeypatch):
+    """Query sets larger than one tile take the folded, tiled pass inside the chunked, vmapped engine: every
+    episode's cross-entropy and accuracy are those of plain steps and :func:`genome.predict` by hand."""
+    monkeypatch.setattr(G.network, "QUERY_TILE", 8)  # 21 query rows: three tiles, the last one padded
+    per_genome = E.synapse_bytes(SPEC.layer_sizes, SPEC.num_states) * 2
+    monkeypatch.setattr(E, "UNCHUNKED_BYTES", 0)  # and the population trained in chunks, as at paper scale
+    monkeypatch.setattr(E, "CHUNK_BYTES", 2 * per_genome)
+    assert E.genomes_per_chunk(SPEC.layer_sizes, SPEC.num_states, 3, 2) == 2
+    tasks = random_tasks(jax.random.key(11), 2, 3, query=21)
+    keys = jax.random.split(jax.random.key(12), 2)
+    vectors = population(jax.random.key(13), 3)
+    E._evaluate.clear_cache()  # the constants are read when the engine is traced
+    result = E.evaluate(SPEC, vectors, tasks, keys, E.Scoring(), E.Horizon(3))
+    E._evaluate.clear_cache()
+    for p in range(3):
+        g = G.unravel(SPEC, vectors[p])
+        for k in range(2):
+            task, syn = take(tasks, k), G.init_synapses(SPEC, keys[k])
+            for t in range(3):
+                syn = G.step(SPEC, g, syn, task.support_x[t], task.support_y[t], t)
+            logits = G.predict(SPEC, g, syn, task.query_x)
+            cross_entropy = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(21), task.query_y])
+            np.testing.assert_allclose(result.cross_entropy[p, k], cross_entropy, rtol=1e-5)
+            assert result.accuracy[p, k] == jnp.mean(jnp.argmax(logits, axis=-1) == task.query_y)
