@@ -327,13 +327,13 @@ def bmg_objective(spec: G.NetworkSpec, vector: jax.Array, tasks: Task, synapses:
             target = build_target(task, learner)
             if estimator.bmg_matching == "kl":  # function space: the target's query predictions
                 target = jax.lax.stop_gradient(
-                    jax.nn.log_softmax(G.predict(spec, target_genome, target, task.query_x), axis=-1))
+                    jax.nn.log_softmax(G.query_logits(spec, target_genome, target, task.query_x), axis=-1))
         else:
             target = given
         if estimator.bmg_matching == "squared":
             value = 0.5 * sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(learner)))
         else:  # kl: KL(target predictions ‖ learner predictions) on the query inputs, mean over examples
-            learner_log = jax.nn.log_softmax(G.predict(spec, genome, learner, task.query_x), axis=-1)
+            learner_log = jax.nn.log_softmax(G.query_logits(spec, genome, learner, task.query_x), axis=-1)
             value = jnp.mean(jnp.sum(jnp.exp(target) * (target - learner_log), axis=-1))
         return value, (learner, target)
 

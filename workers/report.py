@@ -232,7 +232,7 @@ def _majority_shares(spec, genome, tasks, synapse_keys, horizon):
     """Per task: the share of the query predictions that fall on the most-predicted class."""
     def one(task, key):
         synapses, _ = engine.train(spec, genome, task, key, horizon)
-        predictions = jnp.argmax(G.predict(spec, genome, synapses, task.query_x), axis=-1)
+        predictions = jnp.argmax(G.query_logits(spec, genome, synapses, task.query_x), axis=-1)
         counts = jnp.sum(predictions[:, None] == jnp.arange(spec.num_outputs)[None, :], axis=0)
         return jnp.max(counts) / predictions.shape[0]
 
