@@ -114,6 +114,11 @@ class EvaluatorConfig:
     gpus_per_worker: float = 0.0
     ray_address: str | None = None  # None: start a local Ray; "auto": an existing cluster
     max_retries: int = 3
+    # the in-process JAX engine splits each population over this many devices of JAX's default backend,
+    # side by side (on the CPU: host devices, each on its own thread; results are bit-identical whatever the
+    # split). "auto": on the CPU one device per core this process may use, on a GPU machine every local GPU;
+    # the torch backend and Ray workers evaluate on one device each (1).
+    devices: int | str = 1
     # refuse to start when the estimated peak memory of one evaluation exceeds this many GiB
     # (None: 90% of the memory available when the run starts)
     max_memory_gb: float | None = None
@@ -450,6 +455,7 @@ def _validate(config: Config) -> None:
         except MissingExtra as error:
             raise ConfigError(str(error)) from None
     _validate_backend(config)
+    _validate_devices(config)
     _validate_settings(config)
     unknown = set(config.report.baselines) - {"sgd", "momentum", "adam"}
     if unknown:
@@ -551,6 +557,20 @@ def _validate_backend(config: Config) -> None:
         check_support(config.network_spec(2, 2))
     except (ValueError, SpecError) as error:
         raise ConfigError(f"network: {_first_line(error)}") from None
+
+
+def _validate_devices(config: Config) -> None:
+    """``evaluator.devices``: a count of at least 1 or ``auto``; more than one only for the in-process JAX engine."""
+    devices = config.evaluator.devices
+    if devices == "auto":
+        return
+    if isinstance(devices, str) or not 1 <= devices <= 4096:
+        raise ConfigError(f"evaluator.devices: must be an integer in [1, 4096] or 'auto', got {devices!r}")
+    if devices > 1 and config.evaluator.kind != "local":
+        raise ConfigError("evaluator.devices: splits the in-process evaluator; Ray runs one device per worker "
+                          "(use evaluator.workers), so set evaluator.devices: 1 or auto")
+    if devices > 1 and config.evaluator.backend != "jax":
+        raise ConfigError("evaluator.devices: the torch backend runs on one device; set evaluator.devices: 1 or auto")
 
 
 # ------------------------------------------------------------------------------------------------ YAML

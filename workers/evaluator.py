@@ -11,6 +11,7 @@ and its initial synapses come from :func:`synapse_keys`, also a function of ``(t
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, NamedTuple, Protocol, Sequence
 
@@ -64,6 +65,42 @@ def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
 BACKENDS = ("jax", "torch")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def request_devices(devices: int | str) -> int:
+    """Ask JAX for the host devices that ``evaluator.devices`` splits over, if its backend has not started
+    yet (the run calls this before anything computes); returns the count wanted."""
+    from jax._src import xla_bridge
+
+    wanted = available_cores() if devices == "auto" else int(devices)
+    if wanted > 1 and not xla_bridge.backends_are_initialized() and jax.config.jax_num_cpu_devices < wanted:
+        jax.config.update("jax_num_cpu_devices", wanted)
+    return wanted
+
+
+def split_devices(devices: int | str) -> list[jax.Device]:
+    """The devices of JAX's default backend that an in-process evaluation splits its population over
+    (``evaluator.devices``): ``devices`` of them, or with ``"auto"`` every one (on the CPU, one host device
+    per available core). JAX fixes its number of host devices when its backend starts, so this asks for them
+    (``jax_num_cpu_devices``) if the backend has not started yet; once it has, ``"auto"`` takes the devices
+    there are and a count beyond them is an error naming what to change."""
+    wanted = request_devices(devices)
+    local = jax.local_devices()
+    if devices == "auto":
+        return local if local[0].platform != "cpu" else local[:wanted]
+    if len(local) < wanted:
+        raise ValueError(f"evaluator.devices: {wanted}, but this process has {len(local)} {local[0].platform} "
+                         f"device(s) (JAX's host devices are fixed when it starts); set evaluator.devices: "
+                         f"{len(local)} or auto")
+    return local[:wanted]
+
+
 class LocalEvaluator:
     """In-process evaluator: the jit/vmap engine on the local default device (CPU or GPU), or with
     ``backend="torch"`` the same episodes on torch's CPU GEMM (:mod:`workers.torch_engine`, fp32 or bf16 as
@@ -75,7 +112,7 @@ class LocalEvaluator:
 
     def __init__(self, spec: G.NetworkSpec, task_config: TaskConfig, episode_config: engine.EpisodeConfig,
                  backend: str = "jax", compiled: bool = True,
-                 settings: Sequence[tuple[G.NetworkSpec, TaskConfig]] = ()):
+                 settings: Sequence[tuple[G.NetworkSpec, TaskConfig]] = (), devices: int | str = 1):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if backend == "jax" and episode_config.precision != "float32":
@@ -94,6 +131,7 @@ class LocalEvaluator:
                 torch_engine.check_support(setting_spec)
             torch_engine.check_precision(episode_config.precision)
             self._torch = torch_engine
+        self.devices = split_devices(devices) if backend == "jax" else split_devices(1)
         self._families: dict[tuple[str, int], TaskFamily] = {}
         self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
@@ -124,6 +162,9 @@ class LocalEvaluator:
                                           synapse_keys(task_key, num_tasks), self.scoring,
                                           self.episode_config.horizon(num_steps), self.episode_config.precision,
                                           self.compiled)
+        elif len(self.devices) > 1:
+            result = engine.evaluate_split(spec, vectors, tasks, synapse_keys(task_key, num_tasks), self.scoring,
+                                           self.episode_config.horizon(num_steps), self.devices)
         else:
             result = engine.evaluate(spec, jnp.asarray(vectors, jnp.float32), tasks,
                                      synapse_keys(task_key, num_tasks), self.scoring,
@@ -163,7 +204,8 @@ class LocalEvaluator:
         if self.backend == "torch":
             return {"kind": "local", **self._torch.describe(self.episode_config.precision),
                     "torch_compile": self.compiled}
-        return {"kind": "local", "backend": "jax", "precision": "float32", "devices": [str(d) for d in jax.devices()]}
+        return {"kind": "local", "backend": "jax", "precision": "float32", "devices": [str(d) for d in jax.devices()],
+                "split_over": len(self.devices)}
 
     def pop_metrics(self) -> dict[str, Any]:
         return {}  # the run loop measures in-process evaluation time itself
