@@ -115,9 +115,10 @@ class EvaluatorConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto": an existing cluster
     max_retries: int = 3
     # the in-process JAX engine splits each population over this many devices of JAX's default backend,
-    # side by side (on the CPU: host devices, each on its own thread; results are bit-identical whatever the
-    # split). "auto": on the CPU one device per core this process may use, on a GPU machine every local GPU;
-    # the torch backend and Ray workers evaluate on one device each (1).
+    # side by side (on the CPU: host devices, each on its own thread). Each device's share scores exactly as
+    # it would alone, which equals the whole population's numbers to float rounding (XLA may sum a smaller
+    # batch in another order; identical arrays at the paper's shapes). "auto": on the CPU one device per core
+    # this process may use, on a GPU machine every local GPU; the torch backend and Ray workers use one (1).
     devices: int | str = 1
     # refuse to start when the estimated peak memory of one evaluation exceeds this many GiB
     # (None: 90% of the memory available when the run starts)

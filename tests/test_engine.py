@@ -3,6 +3,9 @@ divergence handling, learning curves and aggregation."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,3 +229,54 @@ def test_a_query_set_over_several_tiles_scores_like_predict_episode_by_episode(m
             cross_entropy = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(21), task.query_y])
             np.testing.assert_allclose(result.cross_entropy[p, k], cross_entropy, rtol=1e-5)
             assert result.accuracy[p, k] == jnp.mean(jnp.argmax(logits, axis=-1) == task.query_y)
+
+
+SPLIT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+import genome as G
+from workers import engine as E
+from workers.evaluator import split_devices
+from workers.task_types import Task
+from workers.unroll import Horizon, Scoring
+
+devices = split_devices(3)  # before anything starts JAX's backend: three host devices
+assert [d.platform for d in devices] == ["cpu"] * 3, devices
+spec = G.NetworkSpec((6, 5, 3), num_states=2, forward_activation="tanh")
+rng = np.random.default_rng(0)
+tasks = Task(jnp.asarray(rng.normal(size=(2, 4, 7, 6)), jnp.float32), jnp.asarray(rng.integers(0, 3, (2, 4, 7)), jnp.int32),
+             jnp.asarray(rng.normal(size=(2, 9, 6)), jnp.float32), jnp.asarray(rng.integers(0, 3, (2, 9)), jnp.int32))
+keys = jax.random.split(jax.random.key(1), 2)
+horizon = Horizon(4, curve_steps=(1, 4))
+for population in (5, 6, 1):  # padded to 6, whole, padded to 3
+    vectors = jnp.asarray(0.3 * rng.normal(size=(population, G.num_dims(spec))), jnp.float32)
+    split = E.evaluate_split(spec, vectors, tasks, keys, Scoring(), horizon, devices)
+    share = -(-population // 3)
+    padded = jnp.concatenate([vectors, jnp.broadcast_to(vectors[-1:], (3 * share - population, vectors.shape[1]))])
+    shares = [E.evaluate(spec, padded[i * share:(i + 1) * share], tasks, keys, Scoring(), horizon) for i in range(3)]
+    for i, (a, *parts) in enumerate(zip(split, *shares)):
+        expected = np.concatenate([np.asarray(p) for p in parts])[:population]
+        assert a.shape == (population, 2) + expected.shape[2:], (a.shape, expected.shape)
+        np.testing.assert_array_equal(np.asarray(a), expected)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(E.evaluate(spec, vectors, tasks, keys, Scoring(),
+                                                                        horizon)[i]), rtol=1e-5, atol=1e-6)
+    assert np.asarray(split.accuracy).std() > 0  # the genomes differ
+try:
+    split_devices(4)  # JAX's backend has started with three
+except ValueError as error:
+    print(error)
+else:
+    sys.exit("no error for four devices")
+"""
+
+
+def test_a_population_split_over_host_devices_scores_bit_for_bit_like_one_device():
+    """``evaluator.devices``: the population split over three host devices (padded to a multiple of three)
+    gives, bit for bit, the arrays of the one-device engine run on each device's share, and the whole
+    population's arrays to float rounding (XLA's code for a smaller batch may sum in another order); asking
+    for more devices than JAX started with is an error naming the setting. In a fresh process: JAX fixes its
+    host devices when it starts."""
+    proc = subprocess.run([sys.executable, "-c", SPLIT], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    message = proc.stdout.strip().splitlines()[-1]
+    assert message.startswith("evaluator.devices: 4, but this process has 3 cpu device(s)"), message

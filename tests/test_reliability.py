@@ -132,6 +132,10 @@ BAD_VALUES = [
     (["strategy.options={tolx: '__import__(\"os\").system(\"true\")'}"], "strategy.options.tolx"),
     (["network.hidden_sizes=[100000000]"], "network.hidden_sizes[0]"),
     (["strategy.population_size=10000000"], "strategy.population_size"),
+    (["evaluator.devices=0"], "evaluator.devices"),
+    (["evaluator.devices=many"], "evaluator.devices"),
+    (["evaluator.devices=2", "evaluator.backend=torch"], "evaluator.devices"),
+    (["evaluator.devices=2", "evaluator.kind=ray"], "evaluator.devices"),
 ]
 
 

@@ -51,6 +51,27 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(uninterrupted, tmp_pat
     same_genome(full, out)
 
 
+def test_a_run_split_over_two_host_devices_resumes_exactly_after_kill_9(uninterrupted, tmp_path):
+    """``evaluator.devices: 2``: the run and its resume (which takes the setting from config.yaml and asks JAX
+    for the host devices before anything starts it) split every population over two devices; the killed and
+    resumed run ends exactly like the uninterrupted split run, and both record the split in provenance.json."""
+    full, out = tmp_path / "full", tmp_path / "killed"
+    overrides = KILL_OVERRIDES + ["evaluator.devices=2"]
+    reference = blur("evolve", str(SMOKE), "--out", str(full), "--quiet", *set_args(overrides))
+    kill_after_rows(blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(overrides)), out, 5)
+    _, stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, stderr
+    assert len(metric_rows(out)) < 24
+    resumed = blur("resume", str(out), "--quiet")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    for run in (full, out):
+        assert json.loads((run / "provenance.json").read_text())["evaluator"]["split_over"] == 2
+    assert json.loads((uninterrupted[0] / "provenance.json").read_text())["evaluator"]["split_over"] == 1
+    assert metric_rows(out) == metric_rows(full)
+    same_genome(full, out)
+
+
 WRITER = """
 import sys, numpy as np
 from pathlib import Path
