@@ -225,9 +225,11 @@ def _format_paper_run(paper: dict[str, Any]) -> list[str]:
              f"  predicted from {paper['flops_per_generation'] / 1e9:.0f} GFLOP at the fp32 GEMM rate "
              f"({paper['gemm_jax_gflops']:.0f} GFLOP/s): {paper['predicted_seconds_per_generation']:.2f} s"]
     for name, row in paper["backends"].items():
+        split = row["evaluator"].get("split_over", 1)
         lines.append(f"  {name:<15} {row['seconds_per_generation']:6.2f} s per generation (sampling "
                      f"{row['sampling_seconds']:.2f}, episodes {row['episode_seconds']:.2f}, driver "
-                     f"{row['driver_seconds']:.2f}; warm-up {row['warmup_seconds']:.1f} s)")
+                     f"{row['driver_seconds']:.2f}; warm-up {row['warmup_seconds']:.1f} s"
+                     + (f"; population split over {split} devices)" if split > 1 else ")"))
     lines.append(f"  default (jax float32) measured / predicted: {paper['measured_vs_predicted']:.2f}; "
                  f"bf16 / fp32: {_number(paper['bf16_vs_fp32'])}")
     return lines

@@ -17,6 +17,7 @@ import genome as G
 from genome import torch_population as TP
 from workers import bench as B
 from workers import engine as E
+from workers.evaluator import available_cores
 from workers.task_types import Task
 
 SMALL = G.NetworkSpec((6, 5, 3), num_states=2, backward_activation="tanh")
@@ -144,6 +145,10 @@ def test_quick_bench_json_has_every_documented_number(capsys):
         assert row["seconds_per_generation"] >= row["episode_seconds"] + row["sampling_seconds"] - 1e-9
         backend, precision = name.split("_")
         assert row["evaluator"]["backend"] == backend and row["evaluator"]["precision"] == precision
+    # the paper config's evaluator.devices: auto splits the JAX engine's population over one host device per core
+    cores = available_cores()
+    assert paper["backends"]["jax_float32"]["evaluator"]["split_over"] == cores
     assert paper["seconds_per_generation"] == paper["backends"]["jax_float32"]["seconds_per_generation"]
     table = "\n".join([B.format_table(results), *benchmarks._format_paper_run(paper)])
     assert "engine / GEMM" in table and "memory ratio 4T/T" in table and "Paper run" in table
+    assert (f"population split over {cores} devices" in table) == (cores > 1)
