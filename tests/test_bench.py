@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 
 import jax
@@ -152,3 +153,28 @@ def test_quick_bench_json_has_every_documented_number(capsys):
     table = "\n".join([B.format_table(results), *benchmarks._format_paper_run(paper)])
     assert "engine / GEMM" in table and "memory ratio 4T/T" in table and "Paper run" in table
     assert (f"population split over {cores} devices" in table) == (cores > 1)
+
+
+SPLIT_BENCH = """
+from workers import bench as B
+B.request_devices(2)  # as `blur bench` does before anything starts JAX (2: whatever this machine's cores)
+scale = B.Scale("tiny", (6, 5, 3), batch_size=4, population=5, tasks=2, steps=3, loop_population=2, query=8)
+result = B.bench_scale(scale, rounds=2, gemm_size=64, log=lambda _: None, quick=True)
+print(B.format_table({"mode": "quick", "machine": B.machine_info(), "gemm_size": 64, "scales": {"tiny": result},
+                      "correctness": {"ok": True, "torch_vectorized_max_rel_err": 0.0,
+                                      "torch_loop_max_rel_err": 0.0, "tolerance": 1e-5}}))
+for key in ("engine_split_gflops", "engine_split_vs_engine", "engine_split_vs_gemm",
+            "engine_split_vs_torch_vectorized"):
+    assert result[key] > 0, (key, result[key])
+assert result["engine_split_devices"] == 2 and len(result["samples_steps_per_s"]["engine_split"]) == 2
+"""
+
+
+def test_the_bench_times_the_engine_split_over_host_devices_in_a_fresh_process():
+    """``blur bench`` asks for host devices before JAX starts and then also times the engine as
+    ``evaluator.devices: auto`` runs it, split over them: its rate and its ratios to the one-device engine, the
+    GEMM and the vectorized PyTorch version, in the JSON and the table. (The in-process quick bench above runs
+    after JAX started with one device: no split row there.)"""
+    proc = subprocess.run([sys.executable, "-c", SPLIT_BENCH], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "engine split over host devices" in proc.stdout and "split / torch vectorized (>= 1.5)" in proc.stdout

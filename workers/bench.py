@@ -69,6 +69,7 @@ import torch
 
 import genome as G
 from workers import engine as E
+from workers.evaluator import request_devices, split_devices
 from workers.task_types import Task
 from workers.tasks import TaskConfig
 
@@ -311,6 +312,17 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
     log(f"{scale.name}: compiling the engine")
     memory_t = _compiled_memory(spec, vectors, jax_tasks, keys, horizon)  # compiles what run_engine calls
     run_engine()
+    # the engine as `evaluator.devices: auto` runs it: the population split over the host devices this process
+    # started with (one per core when `blur bench` starts JAX; one, and no split row, once JAX had started)
+    devices = split_devices("auto")
+    engines = {"engine": run_engine}
+    if len(devices) > 1:
+        def run_engine_split() -> None:
+            jax.block_until_ready(E.evaluate_split(spec, vectors, jax_tasks, keys, E.Scoring(), horizon, devices))
+
+        log(f"{scale.name}: compiling the engine split over {len(devices)} devices")
+        run_engine_split()
+        engines["engine_split"] = run_engine_split
 
     def run_torch_vectorized() -> None:
         torch_episodes_vectorized(spec, g, torch_tasks, generator, vectorized_workspace)
@@ -340,14 +352,15 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
     episodes = scale.population * scale.tasks
     loop_episodes = scale.loop_population * scale.tasks
     canonical = E.canonical_flops(spec, scale.batch_size)
-    methods = ("engine", "torch_vectorized", "torch_vectorized_all_blocks", "torch_loop") + tuple(backends)
+    methods = tuple(engines) + ("torch_vectorized", "torch_vectorized_all_blocks", "torch_loop") + tuple(backends)
     samples: dict[str, list[float]] = {name: [] for name in ("gemm_jax", "gemm_torch") + methods}
     for round_index in range(rounds):
         log(f"{scale.name}: round {round_index + 1}/{rounds}")
         gemm_jax, gemm_torch = _gemm_rates(gemm_size)
         samples["gemm_jax"].append(gemm_jax)
         samples["gemm_torch"].append(gemm_torch)
-        samples["engine"].append(episodes * scale.steps / _seconds(run_engine))
+        for name, run in engines.items():
+            samples[name].append(episodes * scale.steps / _seconds(run))
         samples["torch_vectorized"].append(episodes * scale.steps / _seconds(run_torch_vectorized))
         samples["torch_vectorized_all_blocks"].append(
             episodes * scale.steps / _seconds(run_torch_vectorized_all_blocks))
@@ -393,6 +406,14 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
         "engine_vs_torch_vectorized": per_round_ratio("engine", "torch_vectorized"),
         "engine_vs_torch_vectorized_all_blocks": per_round_ratio("engine", "torch_vectorized_all_blocks"),
         "engine_vs_torch_loop": per_round_ratio("engine", "torch_loop"),
+        # the split engine (None without several devices): its rate, against the one-device engine and torch
+        "engine_split_devices": len(devices) if "engine_split" in engines else None,
+        "engine_split_gflops": gflops.get("engine_split"),
+        "engine_split_vs_engine": per_round_ratio("engine_split", "engine") if "engine_split" in engines else None,
+        "engine_split_vs_gemm": (per_round_ratio("engine_split", "gemm_jax", flops_denominator=True)
+                                 if "engine_split" in engines else None),
+        "engine_split_vs_torch_vectorized": (per_round_ratio("engine_split", "torch_vectorized")
+                                             if "engine_split" in engines else None),
         "torch_backend_compiled": compiled,
         "torch_backend_fp32_steps_per_s": steps_per_s["torch_backend_fp32"],
         "torch_backend_bf16_steps_per_s": steps_per_s.get("torch_backend_bf16"),
@@ -613,6 +634,11 @@ def format_table(results: dict[str, Any]) -> str:
             ("engine / torch vectorized (>= 1.5)", lambda s: _number(s["engine_vs_torch_vectorized"])),
             ("  engine / torch vectorized, all blocks", lambda s: _number(s["engine_vs_torch_vectorized_all_blocks"])),
             ("engine / torch loop (>= 10)", lambda s: _number(s["engine_vs_torch_loop"], 1)),
+            ("engine split over host devices", lambda s: _number(s["engine_split_devices"], 0)),
+            ("  split GFLOP/s", lambda s: _number(s["engine_split_gflops"], 1)),
+            ("  split / one-device engine", lambda s: _number(s["engine_split_vs_engine"])),
+            ("  split / GEMM", lambda s: _number(s["engine_split_vs_gemm"])),
+            ("  split / torch vectorized (>= 1.5)", lambda s: _number(s["engine_split_vs_torch_vectorized"])),
             ("torch backend fp32 inner steps/s", lambda s: f"{s['torch_backend_fp32_steps_per_s']:.0f}"),
             ("torch backend bf16 inner steps/s", lambda s: _number(s["torch_backend_bf16_steps_per_s"], 0)),
             ("torch backend fp32 / engine", lambda s: _number(s["torch_backend_fp32_vs_engine"])),
@@ -676,6 +702,7 @@ def run_bench(quick: bool = False, as_json: bool = False, with_ray: bool = False
     def log(message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
+    request_devices("auto")  # before anything starts JAX: the host devices of the split engine's row
     results = collect(quick, with_ray, log)
     if extend is not None and results["correctness"]["ok"]:
         extend(results, log)
