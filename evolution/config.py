@@ -457,6 +457,12 @@ def _validate(config: Config) -> None:
             raise ConfigError(str(error)) from None
     _validate_backend(config)
     _validate_devices(config)
+    if config.evaluator.kind == "local" and config.evaluator.backend == "jax":
+        # JAX fixes its host devices when its backend starts, and checking an evosax strategy's options below
+        # starts it: ask for evaluator.devices' host devices first (a no-op once JAX has started)
+        from workers.evaluator import request_devices
+
+        request_devices(config.evaluator.devices)
     _validate_settings(config)
     unknown = set(config.report.baselines) - {"sgd", "momentum", "adam"}
     if unknown:

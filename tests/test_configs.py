@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,21 @@ def test_official_preset_gives_the_published_defaults_and_yields_to_explicit_key
 def test_published_option_errors_name_the_key(network, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"network": network})
+
+
+SPLIT_BEFORE_EVOSAX = """
+import jax
+from evolution.config import load_config
+from jax._src import xla_bridge
+load_config("configs/smoke.yaml", ["strategy.name=open_es", "evaluator.devices=3"])
+assert xla_bridge.backends_are_initialized()  # checking the evosax strategy's options started JAX
+assert len(jax.local_devices()) == 3, jax.local_devices()
+"""
+
+
+def test_loading_a_config_asks_for_its_host_devices_before_an_evosax_strategy_starts_jax():
+    """``evaluator.devices``: JAX fixes its host devices when it starts, and validating an evosax strategy
+    starts it, so ``load_config`` asks for the devices first (else ``auto`` would quietly run on one)."""
+    proc = subprocess.run([sys.executable, "-c", SPLIT_BEFORE_EVOSAX], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
