@@ -459,7 +459,8 @@ def _validate(config: Config) -> None:
     _validate_devices(config)
     if config.evaluator.kind == "local" and config.evaluator.backend == "jax":
         # JAX fixes its host devices when its backend starts, and checking an evosax strategy's options below
-        # starts it: ask for evaluator.devices' host devices first (a no-op once JAX has started)
+        # starts it: ask for evaluator.devices' host devices first (a no-op once JAX has started). Every Config
+        # passes here (load_config, config_from_dict) before a run builds its evaluator.
         from workers.evaluator import request_devices
 
         request_devices(config.evaluator.devices)

@@ -33,7 +33,7 @@ from genome.io import failpoint
 from evolution.strategies import make_strategy
 from evolution.tracking import check_tracking
 from workers.engine import aggregate_fitness
-from workers.evaluator import Evaluator, LocalEvaluator, request_devices
+from workers.evaluator import Evaluator, LocalEvaluator
 from workers.horizon import horizon
 from workers.tasks import make_family
 
@@ -268,7 +268,6 @@ class Run:
         run_dir = Path(run_dir)
         if lock is None:
             rundir.check_new_run_dir(run_dir)
-        prepare_devices(config)
         spec = network_spec(config)
         estimate = check_resources(config)
         mean = initial_vector(config, spec)
@@ -306,7 +305,6 @@ class Run:
                   file=sys.stderr)
         try:
             config = load_config(run_dir / "config.yaml")
-            prepare_devices(config)
             if not (run_dir / "checkpoint.ckpt").exists() and not (run_dir / "checkpoint.ckpt").is_symlink():
                 if MetricsLog(run_dir / "metrics.jsonl").read():
                     raise CheckpointError(f"{run_dir}: metrics.jsonl has rows but there is no checkpoint")
@@ -703,13 +701,6 @@ def evaluator_settings(config: Config) -> tuple:
     if not config.settings:
         return ()
     return tuple((spec, setting.task) for setting, spec in setting_specs(config))
-
-
-def prepare_devices(config: Config) -> None:
-    """Before anything starts JAX's backend: the host devices that ``evaluator.devices`` splits an in-process
-    evaluation over (:func:`workers.evaluator.request_devices`)."""
-    if config.evaluator.kind == "local" and config.evaluator.backend == "jax":
-        request_devices(config.evaluator.devices)
 
 
 def local_evaluator(config: Config, spec: G.NetworkSpec) -> Evaluator:

@@ -316,7 +316,8 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
     # started with (one per core when `blur bench` starts JAX; one, and no split row, once JAX had started)
     devices = split_devices("auto")
     engines = {"engine": run_engine}
-    if len(devices) > 1:
+    split = len(devices) > 1
+    if split:
         def run_engine_split() -> None:
             jax.block_until_ready(E.evaluate_split(spec, vectors, jax_tasks, keys, E.Scoring(), horizon, devices))
 
@@ -407,13 +408,11 @@ def bench_scale(scale: Scale, rounds: int, gemm_size: int, log: Callable[[str], 
         "engine_vs_torch_vectorized_all_blocks": per_round_ratio("engine", "torch_vectorized_all_blocks"),
         "engine_vs_torch_loop": per_round_ratio("engine", "torch_loop"),
         # the split engine (None without several devices): its rate, against the one-device engine and torch
-        "engine_split_devices": len(devices) if "engine_split" in engines else None,
+        "engine_split_devices": len(devices) if split else None,
         "engine_split_gflops": gflops.get("engine_split"),
-        "engine_split_vs_engine": per_round_ratio("engine_split", "engine") if "engine_split" in engines else None,
-        "engine_split_vs_gemm": (per_round_ratio("engine_split", "gemm_jax", flops_denominator=True)
-                                 if "engine_split" in engines else None),
-        "engine_split_vs_torch_vectorized": (per_round_ratio("engine_split", "torch_vectorized")
-                                             if "engine_split" in engines else None),
+        "engine_split_vs_engine": per_round_ratio("engine_split", "engine") if split else None,
+        "engine_split_vs_gemm": per_round_ratio("engine_split", "gemm_jax", flops_denominator=True) if split else None,
+        "engine_split_vs_torch_vectorized": per_round_ratio("engine_split", "torch_vectorized") if split else None,
         "torch_backend_compiled": compiled,
         "torch_backend_fp32_steps_per_s": steps_per_s["torch_backend_fp32"],
         "torch_backend_bf16_steps_per_s": steps_per_s.get("torch_backend_bf16"),

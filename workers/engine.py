@@ -141,10 +141,16 @@ def _evaluate(spec, vectors, tasks, synapse_keys, scoring, horizon):
     # passes over the synapses stay within the caches instead of streaming [P, K, k, n, m] tensors through
     # memory (2x faster at the paper's 196-512-10, P = 80). The last chunk is padded with copies of the
     # last genome; every episode still depends only on its own genome, task and key.
-    chunks = -(-population // size)
-    padded = jnp.concatenate([vectors, jnp.broadcast_to(vectors[-1:], (chunks * size - population, dims))])
-    results = jax.lax.map(evaluate_chunk, padded.reshape(chunks, size, dims))
-    return jax.tree.map(lambda a: a.reshape((chunks * size,) + a.shape[2:])[:population], results)
+    padded = _pad_population(vectors, size)
+    results = jax.lax.map(evaluate_chunk, padded.reshape(-1, size, dims))
+    return jax.tree.map(lambda a: a.reshape(padded.shape[:1] + a.shape[2:])[:population], results)
+
+
+def _pad_population(vectors: jax.Array, multiple: int) -> jax.Array:
+    """``vectors [P, D]`` padded with copies of the last genome to a multiple of ``multiple`` rows."""
+    population = vectors.shape[0]
+    missing = -(-population // multiple) * multiple - population
+    return jnp.concatenate([vectors, jnp.broadcast_to(vectors[-1:], (missing,) + vectors.shape[1:])])
 
 
 def evaluate(spec: G.NetworkSpec, vectors: jax.Array, tasks: Task, synapse_keys: jax.Array, scoring: Scoring,
@@ -167,14 +173,8 @@ def evaluate_split(spec: G.NetworkSpec, vectors: jax.Array, tasks: Task, synapse
     that share alone; those equal the whole population's arrays to float rounding (XLA's code for a smaller
     batch may sum in another order: 2.4e-7 apart in a cross-entropy of the 64-8-3 smoke network, identical
     arrays at the paper's 196-512-10)."""
-    vectors = jnp.asarray(vectors, jnp.float32)
-    population, dims = vectors.shape
-    count = len(devices)
-    padded = -(-population // count) * count
-    vectors = jnp.concatenate([vectors, jnp.broadcast_to(vectors[-1:], (padded - population, dims))])
     mesh = jax.sharding.Mesh(np.asarray(devices), ("population",))
-    results = _evaluate_split(spec, vectors, tasks, synapse_keys, scoring, horizon, mesh)
-    return jax.tree.map(lambda a: a[:population], results)
+    return _evaluate_split(spec, jnp.asarray(vectors, jnp.float32), tasks, synapse_keys, scoring, horizon, mesh)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
@@ -184,7 +184,8 @@ def _evaluate_split(spec, vectors, tasks, synapse_keys, scoring, horizon, mesh):
     # per-device values need no varying-axis bookkeeping (check_vma=False)
     per_device = jax.shard_map(lambda v, t, k: _evaluate(spec, v, t, k, scoring, horizon), mesh=mesh,
                                in_specs=(share, whole, whole), out_specs=share, check_vma=False)
-    return per_device(vectors, tasks, synapse_keys)
+    results = per_device(_pad_population(vectors, mesh.size), tasks, synapse_keys)
+    return jax.tree.map(lambda a: a[:vectors.shape[0]], results)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))

@@ -131,7 +131,7 @@ class LocalEvaluator:
                 torch_engine.check_support(setting_spec)
             torch_engine.check_precision(episode_config.precision)
             self._torch = torch_engine
-        self.devices = split_devices(devices) if backend == "jax" else split_devices(1)
+        self.devices = split_devices(devices if backend == "jax" else 1)  # the torch backend runs on one
         self._families: dict[tuple[str, int], TaskFamily] = {}
         self._window_tasks = None  # (key, tasks) of the current truncated unroll
         self.eval_seconds = 0.0
