@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 in tests
-# LLVM at -O1 for the tests' XLA programs: the expensive -O2/-O3 passes were about 2/3 of a small engine's
-# compile time (6.5 s -> 2.4 s for a 6-5-3 network), and the suite is mostly compilation; the compiled
-# programs ran as fast as at the default level (digits and paper-scale episodes, measured). Results differ
-# from the default level at float rounding, so every comparison stays within this process's flags (CLI
-# subprocesses and Ray workers inherit them); `blur` itself runs at XLA's default level.
-# XLA's older (non-MLIR) fusion emitters compile a further ~30% faster (6-5-3 engine 1.8 -> 1.3 s, its
-# meta-gradient 4.6-5.3 -> 3.4-3.9 s, a paper-scale engine 2.1 -> 1.4 s); the paper-scale episodes then run
-# ~15% slower, which the tests, dominated by compilation, do not feel.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=1 "
-                                   "--xla_cpu_use_fusion_emitters=false")
 # XLA's persistent compilation cache, shared by every test module (each runs in its own pytest process), the
 # CLI subprocesses they start and later sessions in this checkout: a process that meets an executable another
 # one compiled loads it instead of compiling it again (the same executable, so the same numbers, bit for bit).
@@ -47,13 +38,39 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+# Modules that compare Ray workers' shards with the in-process engine bit for bit: they need -O1 (see below).
+NEEDS_O1 = {"test_ray_evaluator.py"}
+
+
+def pytest_configure(config):
+    """The XLA flags of this pytest process, set before anything starts JAX's backend (conftest imports jax but
+    runs nothing on it; the flags are read when the backend starts). CLI subprocesses and Ray workers inherit
+    them, so every comparison stays within one set of flags; `blur` itself runs at XLA's defaults.
+
+    - LLVM at -O0 (`--xla_backend_optimization_level=0`): the suite is mostly XLA compilation, and -O0 took it
+      from 1327 s to 920 s on the 2-core AMD host (test_gradients alone 105 -> 72 s; -O1 was itself chosen over
+      the default -O2/-O3, which were about 2/3 of a small engine's compile time). Results differ from the
+      default levels at float rounding.
+    - Except in a process that runs a module of NEEDS_O1 (named, or the whole directory): at -O0 a Ray worker's
+      shard of a population (3 genomes, one thread) and the driver's whole population (6, Eigen's thread pool)
+      differ in the last bit of some fitness values; at -O1 they agree bit for bit.
+    - XLA's older (non-MLIR) fusion emitters compile a further ~30% faster (6-5-3 engine 1.8 -> 1.3 s, its
+      meta-gradient 4.6-5.3 -> 3.4-3.9 s, a paper-scale engine 2.1 -> 1.4 s); paper-scale episodes then run
+      ~15% slower, which the tests, dominated by compilation, do not feel."""
+    files = [Path(str(arg).split("::")[0]) for arg in config.args]
+    whole = any(not path.name.endswith(".py") for path in files)  # a directory: all of its modules
+    level = 1 if whole or NEEDS_O1 & {path.name for path in files} else 0
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
+                                       f"--xla_backend_optimization_level={level} --xla_cpu_use_fusion_emitters=false")
+
+
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory):
-    """One uninterrupted smoke run with KILL_OVERRIDES (the reference of every kill / resume test)."""
-    from helpers import KILL_OVERRIDES, SMOKE, blur, set_args
+    """One uninterrupted smoke run with SPLIT_KILL_OVERRIDES (the reference of the CLI's kill / resume tests)."""
+    from helpers import SMOKE, SPLIT_KILL_OVERRIDES, blur, set_args
 
     out = tmp_path_factory.mktemp("runs") / "full"
-    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(KILL_OVERRIDES))
+    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(SPLIT_KILL_OVERRIDES))
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     return out, stdout  # the test of the printed table reads stdout

@@ -15,6 +15,12 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 # long enough that a kill lands mid-run: each generation evaluates 8 x 12 episodes of 6 steps
 KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy.population_size=8",
                   "run.validation_every=3"]
+# a held-out report of the evolved rule and SGD at one learning rate, for the runs whose test is not about the report
+LIGHT_REPORT = ["report.learning_rates=[0.1]", "report.baselines=[sgd]", "report.backprop_genome=false"]
+# the CLI's reference run (the `uninterrupted` fixture) and its kill -9 / resume and lock tests: KILL_OVERRIDES with
+# each population split over two host devices, so one pair of runs checks both the resume and the split (kills and
+# resumes on one device are test_reliability's ten seeded signals)
+SPLIT_KILL_OVERRIDES = KILL_OVERRIDES + ["evaluator.devices=2"]
 
 
 def blur(*args, env=None, **kwargs) -> subprocess.Popen:

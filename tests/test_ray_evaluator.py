@@ -237,8 +237,9 @@ class TestOnExistingCluster:
         """Settings travel to the workers as data (specs and task configs); each call names its setting."""
         settings_config = SMOKE.parents[1] / "tests" / "data" / "settings_smoke.yaml"
         overrides = ["run.generations=3"]
-        # a second pool of two workers next to the class's smoke pool (the head offers four logical CPUs)
-        config = load_config(settings_config, overrides + ["evaluator.kind=ray", "evaluator.workers=2",
+        # a second pool, of one worker, next to the class's smoke pool: each worker compiles every setting's
+        # programs, and one is enough to show that the settings travel as data
+        config = load_config(settings_config, overrides + ["evaluator.kind=ray", "evaluator.workers=1",
                                                            f"evaluator.ray_address={head.address}"])
         spec = network_spec(config)
         evaluator = RayEvaluator.from_config(spec, config, evaluator_settings(config))

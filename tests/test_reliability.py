@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, evolve_ok, metric_rows, mount_tmpfs, same_genome, set_args
+from helpers import (LIGHT_REPORT, ROOT, SMOKE, SPLIT_KILL_OVERRIDES, blur, evolve_ok, metric_rows, mount_tmpfs,
+                     same_genome, set_args)
 
 import genome as G
 from evolution import rundir
@@ -26,8 +27,7 @@ from evolution.config import ConfigError, config_from_dict, load_config
 from evolution.strategies.base import pack_state
 
 # a small, complete run (8 generations, a one-baseline report) for the many kill / resume cases
-QUICK = ["run.generations=8", "run.validation_every=2", "report.learning_rates=[0.1]", "report.baselines=[sgd]",
-         "report.backprop_genome=false"]
+QUICK = ["run.generations=8", "run.validation_every=2", *LIGHT_REPORT]
 
 
 def cli(argv, capsys):
@@ -218,7 +218,8 @@ def test_out_must_be_new_or_empty_and_is_never_damaged(tmp_path, capsys):
     assert not (tmp_path / "outside.jsonl").exists()
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty directory is fine
-    code, _, err = cli(["evolve", SMOKE, "--out", empty, "--quiet", "--set", "run.generations=1"], capsys)
+    code, _, err = cli(["evolve", SMOKE, "--out", empty, "--quiet", *set_args(["run.generations=1", *LIGHT_REPORT])],
+                       capsys)
     assert code == 0, err
 
 
@@ -359,11 +360,12 @@ def test_evaluate_and_compare_check_values_and_resources(tmp_path, capsys):
 def test_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path):
     full, _ = uninterrupted
     out = tmp_path / "run"
-    holder = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(KILL_OVERRIDES),
+    holder = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(SPLIT_KILL_OVERRIDES),
                   env={"BLUR_FAILPOINTS": "generation:3:SIGSTOP"})
     wait_stopped(holder)
     before = snapshot(out)
-    for argv in (["evolve", SMOKE, "--out", out, "--quiet", *set_args(KILL_OVERRIDES)], ["resume", out, "--quiet"]):
+    evolve = ["evolve", SMOKE, "--out", out, "--quiet", *set_args(SPLIT_KILL_OVERRIDES)]
+    for argv in (evolve, ["resume", out, "--quiet"]):
         second = blur(*argv)
         _, err = second.communicate(timeout=300)
         assert second.returncode == 2 and f"in use by blur process {holder.pid}" in err, err
@@ -543,6 +545,7 @@ def test_a_run_directory_from_elsewhere_does_not_resume(finished_run, monkeypatc
 
 
 def test_checkpoint_integrity_run_identity_and_config(finished_run, quick_reference, tmp_path, capsys):
+    assert json.loads((finished_run / "provenance.json").read_text())["evaluator"]["split_over"] == 1  # the default
     checkpoint = finished_run / "checkpoint.ckpt"
     good = checkpoint.read_bytes()
     checkpoint.write_bytes(good[: len(good) // 2])
@@ -630,8 +633,7 @@ def test_es_and_gradient_loops_share_one_horizon_that_never_cuts_below_the_base(
 def test_sigterm_with_the_ray_evaluator_checkpoints_and_resumes(tmp_path):
     """ray.init installs its own SIGTERM handler (exit without a checkpoint); the run puts its own back."""
     out = tmp_path / "ray-run"
-    overrides = ["run.generations=4", "report.learning_rates=[0.1]", "report.baselines=[sgd]",
-                 "report.backprop_genome=false"]
+    overrides = ["run.generations=4", *LIGHT_REPORT]
     proc = blur("evolve", SMOKE, "--out", out, "--quiet", "--workers", 1, *set_args(overrides),
                 env={"BLUR_FAILPOINTS": "generation:2:SIGTERM"})
     _, err = proc.communicate(timeout=600)

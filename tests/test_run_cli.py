@@ -19,7 +19,8 @@ from evolution.cli import main
 from evolution.config import load_config
 from evolution.run import Run, local_evaluator
 
-from helpers import KILL_OVERRIDES, ROOT, SMOKE, blur, kill_after_rows, metric_rows, same_genome, set_args  # noqa: F401
+from helpers import (LIGHT_REPORT, ROOT, SMOKE, SPLIT_KILL_OVERRIDES, blur, kill_after_rows,  # noqa: F401
+                     metric_rows, same_genome, set_args)
 
 
 def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):
@@ -39,35 +40,21 @@ def test_evolve_prints_a_heldout_table_against_tuned_baselines(uninterrupted):
     assert load_config(out / "config.yaml").run.generations == 24
 
 
-def test_resume_after_kill_9_equals_the_uninterrupted_run(uninterrupted, tmp_path):
+def test_resume_after_kill_9_equals_the_uninterrupted_run_split_over_two_host_devices(uninterrupted, tmp_path):
+    """``evaluator.devices: 2`` (SPLIT_KILL_OVERRIDES): the run and its resume (which takes the setting from
+    config.yaml and asks JAX for the host devices before anything starts it) split every population over two
+    devices; the killed and resumed run ends exactly like the uninterrupted one, and both record the split in
+    provenance.json."""
     full, _ = uninterrupted
     out = tmp_path / "killed"
-    kill_after_rows(blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(KILL_OVERRIDES)), out, 5)
+    killed = blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(SPLIT_KILL_OVERRIDES))
+    kill_after_rows(killed, out, 5)
     assert len(metric_rows(out)) < 24
     resumed = blur("resume", str(out), "--quiet")
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
-    assert metric_rows(out) == metric_rows(full)
-    same_genome(full, out)
-
-
-def test_a_run_split_over_two_host_devices_resumes_exactly_after_kill_9(uninterrupted, tmp_path):
-    """``evaluator.devices: 2``: the run and its resume (which takes the setting from config.yaml and asks JAX
-    for the host devices before anything starts it) split every population over two devices; the killed and
-    resumed run ends exactly like the uninterrupted split run, and both record the split in provenance.json."""
-    full, out = tmp_path / "full", tmp_path / "killed"
-    overrides = KILL_OVERRIDES + ["evaluator.devices=2"]
-    reference = blur("evolve", str(SMOKE), "--out", str(full), "--quiet", *set_args(overrides))
-    kill_after_rows(blur("evolve", str(SMOKE), "--out", str(out), "--quiet", *set_args(overrides)), out, 5)
-    _, stderr = reference.communicate(timeout=600)
-    assert reference.returncode == 0, stderr
-    assert len(metric_rows(out)) < 24
-    resumed = blur("resume", str(out), "--quiet")
-    _, stderr = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, stderr
     for run in (full, out):
         assert json.loads((run / "provenance.json").read_text())["evaluator"]["split_over"] == 2
-    assert json.loads((uninterrupted[0] / "provenance.json").read_text())["evaluator"]["split_over"] == 1
     assert metric_rows(out) == metric_rows(full)
     same_genome(full, out)
 
@@ -359,8 +346,8 @@ def test_blur_runs_lists_status_and_results_and_shipped_configs_resolve_by_name(
     code, out, _ = run_cli(["runs", str(root)], capsys)
     assert code == 0 and "stopped, no report" in out and "finished" in out  # the lock is released
     monkeypatch.chdir(tmp_path)  # away from the source tree: `smoke` is the shipped config
-    code, out, err = run_cli(["evolve", "smoke", "--out", "by-name", "--quiet", "--set", "run.generations=1",
-                              "--set", "report.test_tasks=2", "--set", "report.tuning_tasks=2"], capsys)
+    code, out, err = run_cli(["evolve", "smoke", "--out", "by-name", "--quiet",
+                              *set_args(["run.generations=1", *LIGHT_REPORT])], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "by-name" / "provenance.json").read_text())["config_source"].endswith("smoke.yaml")
     code, _, err = run_cli(["evolve", "no-such-config"], capsys)

@@ -19,7 +19,7 @@ from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
 
-from helpers import KILL_OVERRIDES, SMOKE, blur, kill_after_rows, metric_rows, same_genome, set_args
+from helpers import KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, kill_after_rows, metric_rows, same_genome, set_args
 
 HAS_BF16 = bool(TE.bf16_units(TE.cpu_flags()))
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 GEMM units")
@@ -176,7 +176,7 @@ def test_bad_backend_settings_are_one_line_errors(overrides, message, capsys, tm
 
 
 def test_a_torch_run_resumes_exactly_after_kill_9_and_records_its_backend(tmp_path):
-    overrides = [*KILL_OVERRIDES, "evaluator.backend=torch", "evaluator.torch_compile=false"]
+    overrides = [*KILL_OVERRIDES, *LIGHT_REPORT, "evaluator.backend=torch", "evaluator.torch_compile=false"]
     full, out = tmp_path / "full", tmp_path / "killed"
     proc = blur("evolve", SMOKE, "--out", full, "--quiet", *set_args(overrides))  # and the killed run at once
     kill_after_rows(blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides)), out, 5)

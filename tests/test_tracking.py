@@ -9,9 +9,9 @@ import shutil
 import signal
 
 import pytest
-from helpers import KILL_OVERRIDES, SMOKE, blur, metric_rows, set_args
+from helpers import KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, metric_rows, set_args
 
-TRACKED = KILL_OVERRIDES + ["tracking.tensorboard=true", "tracking.mlflow=true"]
+TRACKED = KILL_OVERRIDES + LIGHT_REPORT + ["tracking.tensorboard=true", "tracking.mlflow=true"]
 
 
 def tensorboard_scalars(run_dir, tag):
