@@ -52,8 +52,9 @@ def pytest_configure(config):
       the default -O2/-O3, which were about 2/3 of a small engine's compile time). Results differ from the
       default levels at float rounding.
     - Except in a process that runs a module of NEEDS_O1 (named, or the whole directory): at -O0 a Ray worker's
-      shard of a population (3 genomes, one thread) and the driver's whole population (6, Eigen's thread pool)
-      differ in the last bit of some fitness values; at -O1 they agree bit for bit.
+      shard of a population (3 genomes) and the driver's whole population (6) differ in the last bit of some
+      fitness values, even with the driver single-threaded like the workers (XLA's code for the smaller batch
+      sums in another order); at -O1 they agree bit for bit.
     - XLA's older (non-MLIR) fusion emitters compile a further ~30% faster (6-5-3 engine 1.8 -> 1.3 s, its
       meta-gradient 4.6-5.3 -> 3.4-3.9 s, a paper-scale engine 2.1 -> 1.4 s); paper-scale episodes then run
       ~15% slower, which the tests, dominated by compilation, do not feel."""
