@@ -17,7 +17,7 @@ KILL_OVERRIDES = ["run.generations=24", "run.tasks_per_generation=12", "strategy
                   "run.validation_every=3"]
 # a held-out report of the evolved rule and SGD at one learning rate, for the runs whose test is not about the report
 LIGHT_REPORT = ["report.learning_rates=[0.1]", "report.baselines=[sgd]", "report.backprop_genome=false"]
-# the CLI's reference run (the `uninterrupted` fixture) and its kill -9 / resume and lock tests: KILL_OVERRIDES with
+# the CLI's reference run (the `uninterrupted` fixture) and its kill -9 / resume test: KILL_OVERRIDES with
 # each population split over two host devices, so one pair of runs checks both the resume and the split (kills and
 # resumes on one device are test_reliability's ten seeded signals)
 SPLIT_KILL_OVERRIDES = KILL_OVERRIDES + ["evaluator.devices=2"]
@@ -30,6 +30,34 @@ def blur(*args, env=None, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "evolution.cli", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, **kwargs)
+
+
+def blur_here(*args) -> tuple[int, str]:
+    """``blur ARGS`` in this process: (exit code, stderr). For the runs and resumes whose test is about what a run
+    directory holds, not about the process: this process's imports and compiled executables serve all of them (a
+    subprocess pays both again, ~10 s of CPU). Same XLA flags and persistent cache as a subprocess, hence the
+    same numbers (the tests compare runs made here with runs a killed subprocess began)."""
+    import contextlib
+    import io
+
+    from evolution.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(arg) for arg in args])
+    return code, err.getvalue()
+
+
+def resume_here(out: Path) -> tuple[int, str]:
+    """``blur resume OUT --quiet`` in this process (see `blur_here`)."""
+    return blur_here("resume", out, "--quiet")
+
+
+def evolve_here(out: Path, overrides, config: Path = SMOKE) -> Path:
+    """``blur evolve CONFIG --out OUT --quiet --set ...`` to completion in this process (see `blur_here`)."""
+    code, err = blur_here("evolve", config, "--out", out, "--quiet", *set_args(overrides))
+    assert code == 0, (out, err)
+    return out
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (LIGHT_REPORT, ROOT, SMOKE, SPLIT_KILL_OVERRIDES, blur, evolve_ok, metric_rows, mount_tmpfs,
+from helpers import (LIGHT_REPORT, ROOT, SMOKE, blur, blur_here, evolve_here, metric_rows, mount_tmpfs, resume_here,
                      same_genome, set_args)
 
 import genome as G
@@ -83,7 +83,7 @@ def wait_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 @pytest.fixture(scope="module")
 def quick_reference(tmp_path_factory):
-    return evolve_ok(tmp_path_factory.mktemp("quick") / "reference", QUICK)
+    return evolve_here(tmp_path_factory.mktemp("quick") / "reference", QUICK)
 
 
 @pytest.fixture
@@ -357,28 +357,23 @@ def test_evaluate_and_compare_check_values_and_resources(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ locks
 
-def test_one_run_per_directory_and_a_stale_lock_is_taken_over(uninterrupted, tmp_path):
-    full, _ = uninterrupted
+def test_one_run_per_directory_and_a_stale_lock_is_taken_over(quick_reference, tmp_path):
     out = tmp_path / "run"
-    holder = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(SPLIT_KILL_OVERRIDES),
+    holder = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(QUICK),
                   env={"BLUR_FAILPOINTS": "generation:3:SIGSTOP"})
     wait_stopped(holder)
     before = snapshot(out)
-    evolve = ["evolve", SMOKE, "--out", out, "--quiet", *set_args(SPLIT_KILL_OVERRIDES)]
-    for argv in (evolve, ["resume", out, "--quiet"]):
-        second = blur(*argv)
-        _, err = second.communicate(timeout=300)
-        assert second.returncode == 2 and f"in use by blur process {holder.pid}" in err, err
+    for argv in (["evolve", SMOKE, "--out", out, "--quiet", *set_args(QUICK)], ["resume", out, "--quiet"]):
+        code, err = blur_here(*argv)
+        assert code == 2 and f"in use by blur process {holder.pid}" in err, err
         assert len(err.strip().splitlines()) == 1
     assert snapshot(out) == before
     holder.send_signal(signal.SIGKILL)
     holder.communicate()
-    resumed = blur("resume", out, "--quiet")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
+    code, err = resume_here(out)
+    assert code == 0, err
     assert f"took over the lock left by process {holder.pid}" in err
-    assert metric_rows(out) == metric_rows(full)
-    same_genome(full, out)
+    same_run(quick_reference, out)
 
 
 def test_resume_of_a_directory_that_is_not_a_run_changes_nothing(tmp_path, capsys):
@@ -417,7 +412,7 @@ def kill_moments(count=10, seed=2026):
 
 
 def test_signals_at_ten_seeded_moments_resume_identically(quick_reference, tmp_path):
-    """Ten runs killed at once, then resumed at once. A SIGKILL half-way through a metrics row leaves a torn last
+    """Ten runs killed at once, then resumed. A SIGKILL half-way through a metrics row leaves a torn last
     line, one inside an atomic write leaves its temporary, one before the first checkpoint leaves no checkpoint
     (the resume starts the run over); every resumed run ends exactly like the uninterrupted one."""
     moments = kill_moments()
@@ -441,10 +436,9 @@ def test_signals_at_ten_seeded_moments_resume_identically(quick_reference, tmp_p
             assert list(out.glob(".*.tmp")), moment
         if point == "write:checkpoint.ckpt" and count == 1:
             assert not (out / "checkpoint.ckpt").exists(), moment
-    resumes = [(out, blur("resume", out, "--quiet")) for out, _, _ in procs]
-    for (out, proc), moment in zip(resumes, moments):
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, (moment, err)
+    for (out, _, _), moment in zip(procs, moments):  # resumed here, one after the other (see resume_here)
+        code, err = resume_here(out)
+        assert code == 0, (moment, err)
         if moment == ("write:checkpoint.ckpt", 1, "SIGKILL"):  # killed before its first checkpoint
             assert "starting it over" in err, err
         same_run(quick_reference, out)  # torn lines and stale temporaries dropped, the run ended identically
@@ -493,9 +487,8 @@ def test_a_failing_disk_stops_cleanly_and_resumes_identically(fault, quick_refer
         filler.unlink()
     else:
         subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
-    resumed = blur("resume", out, "--quiet")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
+    code, err = resume_here(out)
+    assert code == 0, err
     same_run(quick_reference, out)
 
 

@@ -18,7 +18,7 @@ from evolution.run import Run, generation_keys, local_evaluator, setting_specs
 from workers.engine import aggregate_fitness
 from workers.evaluator import LocalEvaluator
 
-from helpers import ROOT, blur, kill_after_rows, metric_rows, same_genome
+from helpers import ROOT, blur, kill_after_rows, metric_rows, resume_here, same_genome
 
 CONFIG = ROOT / "tests" / "data" / "settings_smoke.yaml"
 
@@ -100,16 +100,14 @@ def test_a_subset_of_settings_per_generation(tmp_path):
 
 
 def test_a_multi_setting_run_resumes_identically_after_kill_9(tmp_path):
-    full = tmp_path / "full"
-    proc = blur("evolve", CONFIG, "--out", full, "--quiet")
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
-    out = tmp_path / "killed"
+    full, out = tmp_path / "full", tmp_path / "killed"
+    proc = blur("evolve", CONFIG, "--out", full, "--quiet")  # and the killed run beside it
     kill_after_rows(blur("evolve", CONFIG, "--out", out, "--quiet"), out, 4)
     assert len(metric_rows(out)) < 12
-    resumed = blur("resume", out, "--quiet")
-    _, stderr = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, stderr
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    code, stderr = resume_here(out)
+    assert code == 0, stderr
     assert metric_rows(out) == metric_rows(full)
     assert {"val_accuracy/three-way", "val_accuracy/two-way-deep"} <= set(metric_rows(full)[2])
     same_genome(full, out)

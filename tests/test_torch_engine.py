@@ -19,7 +19,8 @@ from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
 
-from helpers import KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, kill_after_rows, metric_rows, same_genome, set_args
+from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, kill_after_rows, metric_rows, resume_here, same_genome,
+                     set_args)
 
 HAS_BF16 = bool(TE.bf16_units(TE.cpu_flags()))
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 GEMM units")
@@ -189,13 +190,11 @@ def test_a_torch_run_resumes_exactly_after_kill_9_and_records_its_backend(tmp_pa
 
     config = (out / "config.yaml").read_text()
     (out / "config.yaml").write_text(config.replace("backend: torch", "backend: jax"))
-    refused = blur("resume", out, "--quiet")
-    _, stderr = refused.communicate(timeout=600)
-    assert refused.returncode == 2 and "evaluator.backend" in stderr, stderr
+    code, stderr = resume_here(out)
+    assert code == 2 and "evaluator.backend" in stderr, stderr
     (out / "config.yaml").write_text(config)
-    resumed = blur("resume", out, "--quiet")
-    _, stderr = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, stderr
+    code, stderr = resume_here(out)
+    assert code == 0, stderr
     assert metric_rows(out) == metric_rows(full)
     same_genome(full, out)
     if HAS_BF16:  # blur bench --precision on this run: the same genome on the same tasks, fp32 and bf16

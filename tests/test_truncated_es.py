@@ -9,7 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import SMOKE, blur, evolve_all_ok, evolve_ok, metric_rows, same_genome, set_args
+from helpers import SMOKE, blur, evolve_all_ok, evolve_here, metric_rows, resume_here, same_genome, set_args
 
 import genome as G
 from evolution.cli import main
@@ -43,7 +43,7 @@ def test_windows_of_the_shared_core_compose_into_one_unroll():
 
 @pytest.fixture(scope="module")
 def pes_reference(tmp_path_factory):
-    return evolve_ok(tmp_path_factory.mktemp("pes") / "full", PES)
+    return evolve_here(tmp_path_factory.mktemp("pes") / "full", PES)
 
 
 def test_unroll_start_cycles_through_the_unroll(pes_reference, tmp_path, capsys):
@@ -62,9 +62,8 @@ def test_kill_9_mid_unroll_resumes_identically(pes_reference, tmp_path):
                 env={"BLUR_FAILPOINTS": "generation:5:SIGKILL"})  # after generation 4: unroll_start 2 next
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
-    resumed = blur("resume", out, "--quiet")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
+    code, err = resume_here(out)
+    assert code == 0, err
     assert metric_rows(out) == metric_rows(pes_reference)
     same_genome(pes_reference, out)
 
