@@ -62,16 +62,48 @@ def test_the_main_job_runs_without_the_extras(tmp_path):
     assert json.loads(inspect.stdout)["counters"]["stop_reason"] == "generations"
 
 
-@pytest.mark.parametrize("args, extra", [
+EXTRA_CASES = [
     (["evolve", SMOKE, "--workers", "2"], "ray"),
     (["evolve", SMOKE, "--set", "evaluator.kind=ray"], "ray"),
     (["bench", "--quick"], "torch"),
     (["evolve", SMOKE, "--tensorboard"], "tracking"),
     (["evolve", SMOKE, "--set", "tracking.mlflow=true"], "tracking"),
-])
-def test_asking_for_an_extra_that_is_not_installed_names_it(args, extra, tmp_path):
-    run = blur_without_extras(*args, "--out", tmp_path / "out") if args[0] == "evolve" else blur_without_extras(*args)
-    assert run.returncode == 2, run.stderr
-    error = [line for line in run.stderr.splitlines() if not line.startswith("LOADED")]
+]
+# the cases above one after the other in one interpreter where the extras cannot be imported: [exit code, stderr]
+BLOCKED_CASES = BLOCKED.split("from evolution.cli import main")[0] + """
+import contextlib, io, json
+from evolution.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+print("LOADED", sorted(m for m in ("ray", "torch", "mlflow", "tensorboard") if m in sys.modules), file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def extra_cases(tmp_path_factory):
+    """Each case of EXTRA_CASES (evolve with ``--out`` a directory of its own), run in one blocked interpreter."""
+    outs = [tmp_path_factory.mktemp("extra") / "out" for _ in EXTRA_CASES]
+    argvs = [[*map(str, args), *(["--out", str(out)] if args[0] == "evolve" else [])]
+             for (args, _), out in zip(EXTRA_CASES, outs)]
+    run = subprocess.run([sys.executable, "-c", BLOCKED_CASES, json.dumps(argvs)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert run.returncode == 0 and "LOADED []" in run.stderr, run.stderr
+    return list(zip(json.loads(run.stdout), outs))
+
+
+@pytest.mark.parametrize("case", range(len(EXTRA_CASES)), ids=[f"{extra}-{i}" for i, (_, extra) in enumerate(EXTRA_CASES)])
+def test_asking_for_an_extra_that_is_not_installed_names_it(case, extra_cases):
+    (code, stderr), out = extra_cases[case]
+    extra = EXTRA_CASES[case][1]
+    assert code == 2, stderr
+    error = stderr.splitlines()
     assert len(error) == 1 and f"pip install 'blur-evolve[{extra}]'" in error[0]
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()

@@ -263,45 +263,43 @@ def bad_genomes(tmp_path):
 
 
 PEAK = """
-import atexit, sys
-def record():
-    status = open("/proc/self/status").read()
-    open(sys.argv[1], "w").write(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
-atexit.register(record)
+import contextlib, io, json, sys
 from evolution.cli import main
-sys.exit(main(sys.argv[2:]))
+results = []
+for argv in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    results.append([code, err.getvalue()])
+status = open("/proc/self/status").read()
+peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
+open(sys.argv[1], "w").write(json.dumps({"results": results, "peak": peak}))
 """
 
 
-def start_with_peak_memory(tmp_path, *argv):
-    """Start ``blur ARGV`` in a fresh interpreter that records its own peak resident memory (VmHWM, KiB)."""
+def run_with_peak_memory(tmp_path, *argvs) -> tuple[list[tuple[int, str]], int]:
+    """``blur ARGV`` for each of ``argvs``, one after the other in one fresh interpreter: ([(exit code, stderr)],
+    the peak resident KiB of that process). A peak under a bound says that none of them allocated more."""
     record = tmp_path / f"peak-{len(list(tmp_path.glob('peak-*')))}"
-    record.write_text("")
-    proc = subprocess.Popen([sys.executable, "-c", PEAK, str(record), *map(str, argv)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return proc, record
-
-
-def finish_with_peak_memory(started) -> tuple[int, str, int]:
-    proc, record = started
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err, int(record.read_text())
-
-
-def run_with_peak_memory(tmp_path, *argv) -> tuple[int, str, int]:
-    """``blur ARGV`` in a fresh interpreter: (exit code, stderr, peak resident KiB of that process alone)."""
-    return finish_with_peak_memory(start_with_peak_memory(tmp_path, *argv))
+    proc = subprocess.run([sys.executable, "-c", PEAK, str(record), json.dumps([[str(a) for a in argv]
+                                                                              for argv in argvs])],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recorded = json.loads(record.read_text())
+    return [tuple(result) for result in recorded["results"]], recorded["peak"]
 
 
 def test_genome_files_with_non_finite_values_or_absurd_specs_are_refused(tmp_path):
-    started = [(name, path, message, start_with_peak_memory(tmp_path, *argv))
-               for name, (path, message) in bad_genomes(tmp_path).items()
-               for argv in (["inspect", path], ["evaluate", path, "--task", "digits"])]
-    for name, path, message, proc in started:
-        code, err, peak = finish_with_peak_memory(proc)
+    cases = [(name, path, message, argv) for name, (path, message) in bad_genomes(tmp_path).items()
+             for argv in (["inspect", path], ["evaluate", path, "--task", "digits"])]
+    results, peak = run_with_peak_memory(tmp_path, *(argv for *_, argv in cases))
+    for (name, path, message, _), (code, err) in zip(cases, results):
         assert code == 2, (name, err)
         assert len(err.strip().splitlines()) == 1 and message in err and str(path) in err, (name, err)
-        assert peak < 1_500_000, (name, peak)  # KiB: nothing large was allocated
+    assert peak < 1_500_000, peak  # KiB: none of them allocated anything large
 
 
 # ------------------------------------------------------------------------------------ resource guard
@@ -313,7 +311,8 @@ def test_the_resource_guard_refuses_before_allocating(override, tmp_path, capsys
     assert time.perf_counter() - start < 5
     assert_one_line_error(code, err, "GiB (estimate)", "reduce strategy.population_size")
     assert not (tmp_path / "o").exists()
-    code, err, peak = run_with_peak_memory(tmp_path, "evolve", SMOKE, "--out", tmp_path / "o", "--set", override)
+    [(code, err)], peak = run_with_peak_memory(tmp_path, ["evolve", SMOKE, "--out", tmp_path / "o", "--set",
+                                                          override])
     assert code == 2 and err.count("\n") == 1 and peak < 1_500_000, (err, peak)
 
 
@@ -636,7 +635,6 @@ def test_sigterm_with_the_ray_evaluator_checkpoints_and_resumes(tmp_path):
     config = out / "config.yaml"
     assert "  kind: ray\n" in config.read_text()
     config.write_text(config.read_text().replace("  kind: ray\n", "  kind: local\n"))
-    resumed = blur("resume", out, "--quiet")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
+    code, err = resume_here(out)
+    assert code == 0, err
     assert [row["generation"] for row in metric_rows(out)] == [0, 1, 2, 3]

@@ -5,6 +5,7 @@ one-line errors naming the setting."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ from evolution.run import Run, generation_keys, local_evaluator, setting_specs
 from workers.engine import aggregate_fitness
 from workers.evaluator import LocalEvaluator
 
-from helpers import ROOT, blur, kill_after_rows, metric_rows, resume_here, same_genome
+from helpers import ROOT, blur, evolve_here, metric_rows, resume_here, same_genome
 
 CONFIG = ROOT / "tests" / "data" / "settings_smoke.yaml"
 
@@ -101,11 +102,10 @@ def test_a_subset_of_settings_per_generation(tmp_path):
 
 def test_a_multi_setting_run_resumes_identically_after_kill_9(tmp_path):
     full, out = tmp_path / "full", tmp_path / "killed"
-    proc = blur("evolve", CONFIG, "--out", full, "--quiet")  # and the killed run beside it
-    kill_after_rows(blur("evolve", CONFIG, "--out", out, "--quiet"), out, 4)
-    assert len(metric_rows(out)) < 12
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
+    killed = blur("evolve", CONFIG, "--out", out, "--quiet", env={"BLUR_FAILPOINTS": "generation:4:SIGKILL"})
+    evolve_here(full, [], CONFIG)  # beside the killed subprocess
+    killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL and len(metric_rows(out)) == 4
     code, stderr = resume_here(out)
     assert code == 0, stderr
     assert metric_rows(out) == metric_rows(full)

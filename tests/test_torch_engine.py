@@ -4,6 +4,7 @@ that differ from fp32 only by rounding, reproducibility, chunk independence, and
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
 
-from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, kill_after_rows, metric_rows, resume_here, same_genome,
+from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, evolve_here, metric_rows, resume_here, same_genome,
                      set_args)
 
 HAS_BF16 = bool(TE.bf16_units(TE.cpu_flags()))
@@ -179,11 +180,11 @@ def test_bad_backend_settings_are_one_line_errors(overrides, message, capsys, tm
 def test_a_torch_run_resumes_exactly_after_kill_9_and_records_its_backend(tmp_path):
     overrides = [*KILL_OVERRIDES, *LIGHT_REPORT, "evaluator.backend=torch", "evaluator.torch_compile=false"]
     full, out = tmp_path / "full", tmp_path / "killed"
-    proc = blur("evolve", SMOKE, "--out", full, "--quiet", *set_args(overrides))  # and the killed run at once
-    kill_after_rows(blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides)), out, 5)
-    assert len(metric_rows(out)) < 24
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr
+    killed = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides),
+                  env={"BLUR_FAILPOINTS": "generation:5:SIGKILL"})
+    evolve_here(full, overrides)  # beside the killed subprocess
+    killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL and len(metric_rows(out)) == 5
     evaluator = json.loads((full / "provenance.json").read_text())["evaluator"]
     assert evaluator["backend"] == "torch" and evaluator["precision"] == "float32"
     assert evaluator["torch_compile"] is False

@@ -9,7 +9,7 @@ import shutil
 import signal
 
 import pytest
-from helpers import KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, metric_rows, resume_here, set_args
+from helpers import KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, evolve_here, metric_rows, resume_here, set_args
 
 TRACKED = KILL_OVERRIDES + LIGHT_REPORT + ["tracking.tensorboard=true", "tracking.mlflow=true"]
 
@@ -41,13 +41,14 @@ def evolve(out, overrides, env=None):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tracked run to completion, and beside it the same run SIGKILLed after generation 13."""
+    """A tracked run to completion (in this process), and beside it the same run in a subprocess SIGKILLed after
+    generation 13."""
     base = tmp_path_factory.mktemp("tracking")
-    procs = [blur("evolve", SMOKE, "--out", base / name, "--quiet", *set_args(TRACKED), env=env)
-             for name, env in (("full", None), ("killed", {"BLUR_FAILPOINTS": "generation:13:SIGKILL"}))]
-    (_, err), (_, killed_err) = (proc.communicate(timeout=600) for proc in procs)
-    assert procs[0].returncode == 0, err
-    return base / "full", (base / "killed", procs[1].returncode, killed_err)
+    killed = blur("evolve", SMOKE, "--out", base / "killed", "--quiet", *set_args(TRACKED),
+                  env={"BLUR_FAILPOINTS": "generation:13:SIGKILL"})
+    evolve_here(base / "full", TRACKED)
+    _, killed_err = killed.communicate(timeout=600)
+    return base / "full", (base / "killed", killed.returncode, killed_err)
 
 
 @pytest.fixture(scope="module")
