@@ -99,7 +99,8 @@ def extra_cases(tmp_path_factory):
     return list(zip(json.loads(run.stdout), outs))
 
 
-@pytest.mark.parametrize("case", range(len(EXTRA_CASES)), ids=[f"{extra}-{i}" for i, (_, extra) in enumerate(EXTRA_CASES)])
+@pytest.mark.parametrize("case", range(len(EXTRA_CASES)),
+                         ids=[f"{extra}-{i}" for i, (_, extra) in enumerate(EXTRA_CASES)])
 def test_asking_for_an_extra_that_is_not_installed_names_it(case, extra_cases):
     (code, stderr), out = extra_cases[case]
     extra = EXTRA_CASES[case][1]
