@@ -69,22 +69,6 @@ def set_args(overrides):
     return [arg for o in overrides for arg in ("--set", o)]
 
 
-def evolve_ok(out: Path, overrides) -> Path:
-    """``blur evolve configs/smoke.yaml --out OUT --quiet --set ...`` to completion (asserting exit 0)."""
-    evolve_all_ok({out: overrides})
-    return out
-
-
-def evolve_all_ok(runs: dict[Path, list[str]]) -> None:
-    """:func:`evolve_ok` for every ``out: overrides`` of ``runs``, the runs side by side (their imports and
-    compilations share the cores)."""
-    procs = {out: blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(overrides))
-             for out, overrides in runs.items()}
-    for out, proc in procs.items():
-        _, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, (out, stderr)
-
-
 def kill_after_rows(proc: subprocess.Popen, out: Path, rows: int, timeout: float = 300) -> None:
     """SIGKILL the run ``proc`` writes to ``out`` once its metrics.jsonl has ``rows`` lines (asserting that it
     was still running)."""
