@@ -48,6 +48,23 @@ def blur_here(*args) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+# A script body for ``python -c``: ``blur ARGV`` for each ARGV of the JSON list ``sys.argv[1]``, one after the other
+# in that interpreter; ``results`` holds [exit code, stderr] for each.
+MAIN_FOR_EACH_ARGV = """
+import contextlib, io, json, sys
+from evolution.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    results.append([code, err.getvalue()])
+"""
+
+
 def resume_here(out: Path) -> tuple[int, str]:
     """``blur resume OUT --quiet`` in this process (see `blur_here`)."""
     return blur_here("resume", out, "--quiet")

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, SMOKE
+from helpers import MAIN_FOR_EACH_ARGV, ROOT, SMOKE
 
 # Run the CLI in a fresh interpreter where importing ray or torch fails as if they were not installed.
-BLOCKED = """
+NOT_INSTALLED = """
 import sys
 class _NotInstalled:
     @staticmethod
@@ -21,6 +21,8 @@ class _NotInstalled:
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, _NotInstalled)
+"""
+BLOCKED = NOT_INSTALLED + """
 from evolution.cli import main
 code = main(sys.argv[1:])
 print("LOADED", sorted(m for m in ("ray", "torch", "mlflow", "tensorboard") if m in sys.modules), file=sys.stderr)
@@ -70,18 +72,7 @@ EXTRA_CASES = [
     (["evolve", SMOKE, "--set", "tracking.mlflow=true"], "tracking"),
 ]
 # the cases above one after the other in one interpreter where the extras cannot be imported: [exit code, stderr]
-BLOCKED_CASES = BLOCKED.split("from evolution.cli import main")[0] + """
-import contextlib, io, json
-from evolution.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit:
-            code = exit.code
-    results.append([code, err.getvalue()])
+BLOCKED_CASES = NOT_INSTALLED + MAIN_FOR_EACH_ARGV + """
 print(json.dumps(results))
 print("LOADED", sorted(m for m in ("ray", "torch", "mlflow", "tensorboard") if m in sys.modules), file=sys.stderr)
 """

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (LIGHT_REPORT, ROOT, SMOKE, blur, blur_here, evolve_here, metric_rows, mount_tmpfs, resume_here,
-                     same_genome, set_args)
+from helpers import (LIGHT_REPORT, MAIN_FOR_EACH_ARGV, ROOT, SMOKE, blur, blur_here, evolve_here, metric_rows,
+                     mount_tmpfs, resume_here, same_genome, set_args)
 
 import genome as G
 from evolution import rundir
@@ -262,31 +262,20 @@ def bad_genomes(tmp_path):
     return files
 
 
-PEAK = """
-import contextlib, io, json, sys
-from evolution.cli import main
-results = []
-for argv in json.loads(sys.argv[2]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit:
-            code = exit.code
-    results.append([code, err.getvalue()])
+PEAK = MAIN_FOR_EACH_ARGV + """
 status = open("/proc/self/status").read()
 peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
-open(sys.argv[1], "w").write(json.dumps({"results": results, "peak": peak}))
+open(sys.argv[2], "w").write(json.dumps({"results": results, "peak": peak}))
 """
 
 
 def run_with_peak_memory(tmp_path, *argvs) -> tuple[list[tuple[int, str]], int]:
     """``blur ARGV`` for each of ``argvs``, one after the other in one fresh interpreter: ([(exit code, stderr)],
     the peak resident KiB of that process). A peak under a bound says that none of them allocated more."""
-    record = tmp_path / f"peak-{len(list(tmp_path.glob('peak-*')))}"
-    proc = subprocess.run([sys.executable, "-c", PEAK, str(record), json.dumps([[str(a) for a in argv]
-                                                                              for argv in argvs])],
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    record = tmp_path / "peak.json"
+    proc = subprocess.run([sys.executable, "-c", PEAK, json.dumps([[str(a) for a in argv] for argv in argvs]),
+                           str(record)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     recorded = json.loads(record.read_text())
     return [tuple(result) for result in recorded["results"]], recorded["peak"]
