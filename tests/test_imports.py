@@ -1,4 +1,5 @@
-"""The package layers: evolution -> workers -> genome, never upward, and no import circle between modules."""
+"""The package layers: evolution -> workers -> genome, never upward, and no import circle between modules; and
+the test command's process groups, which must run every test module."""
 
 from __future__ import annotations
 
@@ -89,3 +90,21 @@ def test_every_package_export_resolves():
         assert package.__all__
         for name in package.__all__:
             assert getattr(package, name) is not None, f"{package.__name__}.{name}"
+
+
+def test_the_test_command_runs_every_test_module_once_and_the_o1_modules_alone():
+    """The README's test command runs one pytest process per line of tests/process_groups.txt: a module on no
+    line would never run, one on two lines would run twice, and a module of conftest.NEEDS_O1 turns its whole
+    process to -O1, so it has a line of its own."""
+    from conftest import NEEDS_O1
+
+    text = (ROOT / "tests" / "process_groups.txt").read_text()
+    lines = [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert all(line == line.rstrip() for line in text.splitlines()), "xargs -L joins a line ending in a blank to the next"
+    listed = sorted(module for line in lines for module in line)
+    assert listed == sorted(f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py"))
+    for line in lines:
+        assert len(line) == 1 or not NEEDS_O1 & {Path(module).name for module in line}, line
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("<!-- test-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert "tests/process_groups.txt" in command and "pytest" in command
