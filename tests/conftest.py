@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray binds to 127.0.0.1 in tests
-# XLA's persistent compilation cache, shared by every test module (each runs in its own pytest process), the
+# XLA's persistent compilation cache, shared by every test process (one per line of tests/process_groups.txt), the
 # CLI subprocesses they start and later sessions in this checkout: a process that meets an executable another
 # one compiled loads it instead of compiling it again (the same executable, so the same numbers, bit for bit).
 # JAX keys entries by the computation, the compile options, the JAX/XLA version and the CPU.
