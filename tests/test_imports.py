@@ -100,7 +100,8 @@ def test_the_test_command_runs_every_test_module_once_and_the_o1_modules_alone()
 
     text = (ROOT / "tests" / "process_groups.txt").read_text()
     lines = [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert all(line == line.rstrip() for line in text.splitlines()), "xargs -L joins a line ending in a blank to the next"
+    # xargs -L joins a line that ends in a blank to the next one
+    assert all(line == line.rstrip() for line in text.splitlines())
     listed = sorted(module for line in lines for module in line)
     assert listed == sorted(f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py"))
     for line in lines:
