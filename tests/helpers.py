@@ -77,6 +77,13 @@ def evolve_here(out: Path, overrides, config: Path = SMOKE) -> Path:
     return out
 
 
+def evolve_killed_at(out: Path, rows: int, overrides=(), config: Path = SMOKE) -> subprocess.Popen:
+    """Start ``blur evolve CONFIG --out OUT --quiet --set ...`` in a subprocess that SIGKILLs itself once it has
+    written ``rows`` rows of metrics.jsonl (the ``generation:ROWS:SIGKILL`` failpoint)."""
+    return blur("evolve", config, "--out", out, "--quiet", *set_args(overrides),
+                env={"BLUR_FAILPOINTS": f"generation:{rows}:SIGKILL"})
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]

@@ -12,20 +12,24 @@ import pytest
 from helpers import MAIN_FOR_EACH_ARGV, ROOT, SMOKE
 
 # Run the CLI in a fresh interpreter where importing ray or torch fails as if they were not installed.
+# The prefix defines print_loaded(), which writes "LOADED [...]" (the extras imported after all) to stderr.
 NOT_INSTALLED = """
 import sys
+EXTRAS = ("ray", "torch", "mlflow", "tensorboard")
 class _NotInstalled:
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name.split(".")[0] in ("ray", "torch", "mlflow", "tensorboard"):
+        if name.split(".")[0] in EXTRAS:
             raise ModuleNotFoundError(f"No module named {name!r}")
         return None
 sys.meta_path.insert(0, _NotInstalled)
+def print_loaded():
+    print("LOADED", sorted(m for m in EXTRAS if m in sys.modules), file=sys.stderr)
 """
 BLOCKED = NOT_INSTALLED + """
 from evolution.cli import main
 code = main(sys.argv[1:])
-print("LOADED", sorted(m for m in ("ray", "torch", "mlflow", "tensorboard") if m in sys.modules), file=sys.stderr)
+print_loaded()
 sys.exit(code)
 """
 
@@ -74,7 +78,7 @@ EXTRA_CASES = [
 # the cases above one after the other in one interpreter where the extras cannot be imported: [exit code, stderr]
 BLOCKED_CASES = NOT_INSTALLED + MAIN_FOR_EACH_ARGV + """
 print(json.dumps(results))
-print("LOADED", sorted(m for m in ("ray", "torch", "mlflow", "tensorboard") if m in sys.modules), file=sys.stderr)
+print_loaded()
 """
 
 
