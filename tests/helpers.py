@@ -77,11 +77,12 @@ def evolve_here(out: Path, overrides, config: Path = SMOKE) -> Path:
     return out
 
 
-def evolve_killed_at(out: Path, rows: int, overrides=(), config: Path = SMOKE) -> subprocess.Popen:
-    """Start ``blur evolve CONFIG --out OUT --quiet --set ...`` in a subprocess that SIGKILLs itself once it has
-    written ``rows`` rows of metrics.jsonl (the ``generation:ROWS:SIGKILL`` failpoint)."""
+def evolve_signalled_at(out: Path, rows: int, overrides=(), config: Path = SMOKE,
+                        signal: str = "SIGKILL") -> subprocess.Popen:
+    """Start ``blur evolve CONFIG --out OUT --quiet --set ...`` in a subprocess that sends itself ``signal`` once it
+    has written ``rows`` rows of metrics.jsonl (the ``generation:ROWS:SIGNAL`` failpoint)."""
     return blur("evolve", config, "--out", out, "--quiet", *set_args(overrides),
-                env={"BLUR_FAILPOINTS": f"generation:{rows}:SIGKILL"})
+                env={"BLUR_FAILPOINTS": f"generation:{rows}:{signal}"})
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

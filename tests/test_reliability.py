@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (LIGHT_REPORT, MAIN_FOR_EACH_ARGV, ROOT, SMOKE, blur, blur_here, evolve_here, metric_rows,
-                     mount_tmpfs, resume_here, same_genome, set_args)
+from helpers import (LIGHT_REPORT, MAIN_FOR_EACH_ARGV, ROOT, SMOKE, blur, blur_here, evolve_here, evolve_signalled_at,
+                     metric_rows, mount_tmpfs, resume_here, same_genome, set_args)
 
 import genome as G
 from evolution import rundir
@@ -347,8 +347,7 @@ def test_evaluate_and_compare_check_values_and_resources(tmp_path, capsys):
 
 def test_one_run_per_directory_and_a_stale_lock_is_taken_over(quick_reference, tmp_path):
     out = tmp_path / "run"
-    holder = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(QUICK),
-                  env={"BLUR_FAILPOINTS": "generation:3:SIGSTOP"})
+    holder = evolve_signalled_at(out, 3, QUICK, signal="SIGSTOP")
     wait_stopped(holder)
     before = snapshot(out)
     for argv in (["evolve", SMOKE, "--out", out, "--quiet", *set_args(QUICK)], ["resume", out, "--quiet"]):
@@ -457,8 +456,7 @@ def fill(directory: Path) -> Path:
 @pytest.mark.parametrize("fault", ["disk full"])
 def test_a_failing_disk_stops_cleanly_and_resumes_identically(fault, quick_reference, small_tmpfs):
     out = small_tmpfs / "run"
-    proc = blur("evolve", SMOKE, "--out", out, "--quiet", *set_args(QUICK),
-                env={"BLUR_FAILPOINTS": "generation:3:SIGSTOP"})
+    proc = evolve_signalled_at(out, 3, QUICK, signal="SIGSTOP")
     wait_stopped(proc)
     if fault == "disk full":
         filler = fill(small_tmpfs)

@@ -19,7 +19,7 @@ from evolution.run import Run, generation_keys, local_evaluator, setting_specs
 from workers.engine import aggregate_fitness
 from workers.evaluator import LocalEvaluator
 
-from helpers import ROOT, evolve_here, evolve_killed_at, metric_rows, resume_here, same_genome
+from helpers import ROOT, evolve_here, evolve_signalled_at, metric_rows, resume_here, same_genome
 
 CONFIG = ROOT / "tests" / "data" / "settings_smoke.yaml"
 
@@ -102,7 +102,7 @@ def test_a_subset_of_settings_per_generation(tmp_path):
 
 def test_a_multi_setting_run_resumes_identically_after_kill_9(tmp_path):
     full, out = tmp_path / "full", tmp_path / "killed"
-    killed = evolve_killed_at(out, 4, config=CONFIG)
+    killed = evolve_signalled_at(out, 4, config=CONFIG)
     evolve_here(full, [], CONFIG)  # beside the killed subprocess
     killed.communicate(timeout=600)
     assert killed.returncode == -signal.SIGKILL and len(metric_rows(out)) == 4

@@ -20,7 +20,7 @@ from workers import torch_engine as TE
 from workers.evaluator import synapse_keys
 from workers.task_types import Task
 
-from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, evolve_here, evolve_killed_at, metric_rows, resume_here,
+from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, evolve_here, evolve_signalled_at, metric_rows, resume_here,
                      same_genome, set_args)
 
 HAS_BF16 = bool(TE.bf16_units(TE.cpu_flags()))
@@ -180,7 +180,7 @@ def test_bad_backend_settings_are_one_line_errors(overrides, message, capsys, tm
 def test_a_torch_run_resumes_exactly_after_kill_9_and_records_its_backend(tmp_path):
     overrides = [*KILL_OVERRIDES, *LIGHT_REPORT, "evaluator.backend=torch", "evaluator.torch_compile=false"]
     full, out = tmp_path / "full", tmp_path / "killed"
-    killed = evolve_killed_at(out, 5, overrides)
+    killed = evolve_signalled_at(out, 5, overrides)
     evolve_here(full, overrides)  # beside the killed subprocess
     killed.communicate(timeout=600)
     assert killed.returncode == -signal.SIGKILL and len(metric_rows(out)) == 5

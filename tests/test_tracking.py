@@ -9,8 +9,8 @@ import shutil
 import signal
 
 import pytest
-from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, evolve_here, evolve_killed_at, metric_rows, resume_here,
-                     set_args)
+from helpers import (KILL_OVERRIDES, LIGHT_REPORT, SMOKE, blur, evolve_here, evolve_signalled_at, metric_rows,
+                     resume_here, set_args)
 
 TRACKED = KILL_OVERRIDES + LIGHT_REPORT + ["tracking.tensorboard=true", "tracking.mlflow=true"]
 
@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     """A tracked run to completion (in this process), and beside it the same run in a subprocess SIGKILLed after
     generation 13."""
     base = tmp_path_factory.mktemp("tracking")
-    killed = evolve_killed_at(base / "killed", 13, TRACKED)
+    killed = evolve_signalled_at(base / "killed", 13, TRACKED)
     evolve_here(base / "full", TRACKED)
     _, killed_err = killed.communicate(timeout=600)
     return base / "full", (base / "killed", killed.returncode, killed_err)

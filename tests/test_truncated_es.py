@@ -9,7 +9,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import SMOKE, evolve_here, evolve_killed_at, metric_rows, resume_here, same_genome, set_args
+from helpers import SMOKE, evolve_here, evolve_signalled_at, metric_rows, resume_here, same_genome, set_args
 
 import genome as G
 from evolution.cli import main
@@ -58,7 +58,7 @@ def test_unroll_start_cycles_through_the_unroll(pes_reference, tmp_path, capsys)
 
 def test_kill_9_mid_unroll_resumes_identically(pes_reference, tmp_path):
     out = tmp_path / "killed"
-    proc = evolve_killed_at(out, 5, PES)  # after generation 4: unroll_start 2 next
+    proc = evolve_signalled_at(out, 5, PES)  # after generation 4: unroll_start 2 next
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     code, err = resume_here(out)
