@@ -58,12 +58,17 @@ def pytest_configure(config):
       sums in another order); at -O1 they agree bit for bit.
     - XLA's older (non-MLIR) fusion emitters compile a further ~30% faster (6-5-3 engine 1.8 -> 1.3 s, its
       meta-gradient 4.6-5.3 -> 3.4-3.9 s, a paper-scale engine 2.1 -> 1.4 s); paper-scale episodes then run
-      ~15% slower, which the tests, dominated by compilation, do not feel."""
+      ~15% slower, which the tests, dominated by compilation, do not feel.
+    - LLVM code generation in one piece (`--xla_cpu_parallel_codegen_split_count=1`) instead of a module split
+      for a thread pool: splitting, and the threads, cost CPU that two test processes on two cores never get
+      back (step_states of 24 small specs: 4.1-4.5 -> 2.6-2.9 s of compile CPU; test_published_parity 57 -> 44 s
+      and test_engine 89 -> 75 s of user CPU from an empty cache)."""
     files = [Path(str(arg).split("::")[0]) for arg in config.args]
     whole = any(not path.name.endswith(".py") for path in files)  # a directory: all of its modules
     level = 1 if whole or NEEDS_O1 & {path.name for path in files} else 0
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
-                                       f"--xla_backend_optimization_level={level} --xla_cpu_use_fusion_emitters=false")
+                                       f"--xla_backend_optimization_level={level} --xla_cpu_use_fusion_emitters=false "
+                                       "--xla_cpu_parallel_codegen_split_count=1")
 
 
 @pytest.fixture(scope="session")
