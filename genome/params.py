@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from genome.spec import NetworkSpec
 
@@ -95,12 +96,16 @@ def layer_genome(spec: NetworkSpec, genome: Genome, layer: int) -> Genome:
 
 def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
     """The paper's default scalars with identity matrices; a base for hand-built genomes."""
-    if spec.per_layer_genome:
-        single = neutral_genome(_single(spec), dtype)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.num_layers,) + a.shape), single)
+    # built in NumPy and copied in: no eager JAX operation to compile in every process that makes one
     k = spec.num_states
-    eye = jnp.eye(k, dtype=dtype)
-    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
+    layers = (spec.num_layers,) if spec.per_layer_genome else ()
+    np_dtype = np.dtype(dtype)
+
+    def const(value, shape=()):
+        return jnp.asarray(np.broadcast_to(np.asarray(value, np_dtype), layers + shape))
+
+    eye = const(np.eye(k), (k, k))
+    one = const(1.0)
     return Genome(
         forward_transform=eye,
         backward_transform=eye,
@@ -109,15 +114,15 @@ def neutral_genome(spec: NetworkSpec, dtype=jnp.float32) -> Genome:
         neuron_keep=one,
         neuron_update=one,
         synapse_keep=one,
-        synapse_update=jnp.asarray(-1e-3, dtype),
-        norm_scale=jnp.ones((k,), dtype),
-        norm_shift=jnp.zeros((k,), dtype),
+        synapse_update=const(-1e-3),
+        norm_scale=const(1.0, (k,)),
+        norm_shift=const(0.0, (k,)),
         oja=one,
         saturation=one,
         forward_pre_transform=eye,
         forward_post_transform=eye,
         forward_synapse_keep=one,
-        forward_synapse_update=jnp.asarray(-1e-3, dtype),
+        forward_synapse_update=const(-1e-3),
     )
 
 

@@ -11,6 +11,7 @@ and its initial synapses come from :func:`synapse_keys`, also a function of ``(t
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any, NamedTuple, Protocol, Sequence
@@ -57,6 +58,12 @@ class Evaluator(Protocol):
 
 def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
     """Initial-synapse key of each task: a function of (task_key, task index) only."""
+    return _synapse_keys(task_key, int(num_tasks))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
+    # one compiled program (integer hashing only: the keys op by op, bit for bit), not three eager ones
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(task_key, i), _SYNAPSE_SALT))(
         jnp.arange(num_tasks)
     )
