@@ -272,9 +272,9 @@ class TestOnExistingCluster:
         os.kill(victim["pid"], signal.SIGKILL)
         expected = LocalEvaluator(spec, config.task, config.episode).evaluate(vectors, "train", key, 3, 5)
         assert_same_evaluation(join(), expected)
-        metrics = evaluator.pop_metrics()
-        assert metrics["ray_failures"] == 1 and metrics["ray_retries"] == 1 and metrics["ray_shards"] == 2
-        assert f"pid {victim['pid']}" in metrics["ray_failure_log"][0]
+        first = evaluator.pop_metrics()
+        assert first["ray_failures"] == 1 and first["ray_retries"] == 1 and first["ray_shards"] == 2
+        assert f"pid {victim['pid']}" in first["ray_failure_log"][0]
         # Ray restarts the dead actor in a new process. Between evaluations nothing else asks it, so
         # worker_pids itself must take in the restarted actor's answer (it once only read a cached view).
         deadline = time.monotonic() + 120
@@ -286,8 +286,11 @@ class TestOnExistingCluster:
         assert worker["pid"] == new_pid and worker["state"] == "alive" and worker["restarts"] == 1
         # the restarted worker takes its shard again, and the results are still the local ones
         assert_same_evaluation(evaluator.evaluate(vectors, "train", key, 3, 5), expected)
-        metrics = evaluator.pop_metrics()
-        assert metrics["ray_failures"] == 0 and metrics["ray_workers"] == 2 and metrics["ray_restarts"] == 1
+        second = evaluator.pop_metrics()
+        assert second["ray_failures"] == 0 and second["ray_workers"] == 2
+        # the restart is counted once, in the window that saw the restarted actor answer: the first one when it
+        # was back before the survivor finished the re-run shard, else the second (worker_pids above)
+        assert first["ray_restarts"] + second["ray_restarts"] == 1
 
     def test_gpu_worker_without_a_usable_gpu_fails_clearly(self, head, smoke):
         # The head advertises one (logical) GPU: half of it is granted, the actor starts with the GPU
