@@ -56,14 +56,10 @@ class Evaluator(Protocol):
     def close(self) -> None: ...
 
 
-def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
-    """Initial-synapse key of each task: a function of (task_key, task index) only."""
-    return _synapse_keys(task_key, int(num_tasks))
-
-
 @functools.partial(jax.jit, static_argnums=1)
-def _synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
-    # one compiled program (integer hashing only: the keys op by op, bit for bit), not three eager ones
+def synapse_keys(task_key: jax.Array, num_tasks: int) -> jax.Array:
+    """Initial-synapse key of each task: a function of (task_key, task index) only (one compiled program of
+    integer hashing, the same keys as the operations run one by one)."""
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(task_key, i), _SYNAPSE_SALT))(
         jnp.arange(num_tasks)
     )
