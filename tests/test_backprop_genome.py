@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,28 @@ def mlp_loss(weights, x, y, loss):
     return jnp.mean(-jnp.sum(onehot * jax.nn.log_softmax(z), axis=-1))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _run_both(spec, genome, loss, learning_rate, weights, xs, ys):
+    """NUM_STEPS steps of SGD on ``weights`` (autograd of `mlp_loss`) and of the backprop genome on the same
+    weights as synapses, side by side in one program: (SGD's final weights, the largest gap between the two
+    weights after any step, the largest gap between their predictions on the first batch after any step)."""
+
+    def both(carry, batch):
+        weights, synapses = carry
+        x, y = batch
+        grads = jax.grad(mlp_loss)(weights, x, y, loss)
+        weights = [w - learning_rate * g for w, g in zip(weights, grads)]
+        synapses = G.step(spec, genome, synapses, x, y)
+        weight_gap = jnp.max(jnp.stack([jnp.max(jnp.abs(w - b))
+                                        for w, b in zip(weights, G.weights_from_synapses(spec, synapses))]))
+        pred_gap = jnp.max(jnp.abs(G.predict(spec, genome, synapses, xs[0]) - mlp_logits(weights, xs[0])))
+        return (weights, synapses), (weight_gap, pred_gap)
+
+    (weights, _), (weight_gaps, pred_gaps) = jax.lax.scan(both, (weights, G.synapses_from_weights(spec, weights)),
+                                                          (xs, ys))
+    return weights, jnp.max(weight_gaps), jnp.max(pred_gaps)
+
+
 def run_both(layer_sizes, loss, dtype, learning_rate=0.5):
     key = jax.random.key(len(layer_sizes) + (loss == "mse"))
     init_key, x_key, y_key = jax.random.split(key, 3)
@@ -38,21 +62,10 @@ def run_both(layer_sizes, loss, dtype, learning_rate=0.5):
     ]
     xs = jax.random.normal(x_key, (NUM_STEPS, 8, layer_sizes[0]), dtype)
     ys = jax.random.randint(y_key, (NUM_STEPS, 8), 0, layer_sizes[-1])
-    initial = list(weights)
     spec, genome = G.backprop_genome(layer_sizes, learning_rate, loss=loss, dtype=dtype)
-    synapses = G.synapses_from_weights(spec, weights)
-    blur_step = jax.jit(G.step, static_argnums=0)
-    sgd_grad = jax.jit(jax.grad(mlp_loss), static_argnums=3)
-    worst_weight, worst_pred = 0.0, 0.0
-    for t in range(NUM_STEPS):
-        grads = sgd_grad(weights, xs[t], ys[t], loss)
-        weights = [w - learning_rate * g for w, g in zip(weights, grads)]
-        synapses = blur_step(spec, genome, synapses, xs[t], ys[t])
-        for w, b in zip(weights, G.weights_from_synapses(spec, synapses)):
-            worst_weight = max(worst_weight, float(jnp.max(jnp.abs(w - b))))
-        pred_gap = G.predict(spec, genome, synapses, xs[0]) - mlp_logits(weights, xs[0])
-        worst_pred = max(worst_pred, float(jnp.max(jnp.abs(pred_gap))))
-    moved = max(float(jnp.max(jnp.abs(w - w0))) for w, w0 in zip(weights, initial))
+    final_weights, worst_weight, worst_pred = _run_both(spec, genome, loss, learning_rate, weights, xs, ys)
+    worst_weight, worst_pred = float(worst_weight), float(worst_pred)
+    moved = max(float(jnp.max(jnp.abs(w - w0))) for w, w0 in zip(final_weights, weights))
     return worst_weight, worst_pred, moved
 
 
