@@ -97,6 +97,29 @@ def test_learning_curve_points_match_separate_shorter_episodes():
         np.testing.assert_allclose(curve[..., column], short, atol=1e-6)
 
 
+def test_a_learning_curve_keeps_one_copy_of_the_step_in_the_program():
+    """Curve points do not multiply the program (and its compile time): the steps up to the last point run as a
+    loop over the points, so 21 points over 20 steps trace to the size of 3 points (with a copy of the step per
+    segment the engine's program was 14x the plain episode's); the baselines' training does the same."""
+    from workers import baselines
+
+    tasks = random_tasks(jax.random.key(0), 2, 20)
+    keys = jax.random.split(jax.random.key(1), 2)
+    vectors = population(jax.random.key(2), 2)
+
+    def engine_size(curve_steps):
+        return len(str(jax.make_jaxpr(lambda v: E.evaluate(SPEC, v, tasks, keys, E.Scoring(),
+                                                           E.Horizon(20, curve_steps=curve_steps)))(vectors)))
+
+    def baseline_size(curve_steps):
+        return len(str(jax.make_jaxpr(lambda t: baselines.run_baseline("adam", 0.1, SPEC.layer_sizes, t, keys[0],
+                                                                       curve_steps=curve_steps))(tasks)))
+
+    every_step, three = tuple(range(21)), (0, 10, 20)
+    assert engine_size(every_step) < 1.1 * engine_size(three)
+    assert baseline_size(every_step) < 1.1 * baseline_size(three)
+
+
 def test_skip_last_update_equals_one_step_fewer():
     tasks = random_tasks(jax.random.key(0), 2, 5)
     keys = jax.random.split(jax.random.key(1), 2)

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from workers.engine import query_scores
+from workers.unroll import curve_windows
 from workers.task_types import Task
 
 __all__ = [
@@ -108,19 +109,35 @@ def _train_task(optimizer_name, learning_rate, activation, curve_steps, num_upda
         updates, state = optimizer.update(grads, state, weights)
         return (optax.apply_updates(weights, updates), state), loss
 
-    carry, losses, curve = (weights, state), [], {}
-    done = 0
-    for target in sorted(set(curve_steps)) + [num_updates]:  # train in segments between curve points
-        target = min(target, num_updates)
-        carry, segment_losses = jax.lax.scan(step, carry, jnp.arange(done, target))
-        losses.append(segment_losses)
-        done = target
-        curve[target] = _query_scores(carry[0], task, activation)
-    accuracy, loss, diverged = curve[num_updates]
+    # the steps up to the last curve point run as a loop over the points, as in the engine (curve_windows)
+    carry, losses, done = (weights, state), [], 0
+    points, targets, width = curve_windows(curve_steps, num_updates)
+    if points:
+        starts = [0, *targets[:-1]]
+
+        def segment(outer, target):
+            carry, start = outer
+
+            def masked_step(carry, offset):
+                new, loss = step(carry, start + offset)
+                return jax.tree.map(lambda n, o: jnp.where(start + offset < target, n, o), new, carry), loss
+
+            carry, segment_losses = jax.lax.scan(masked_step, carry, jnp.arange(width))
+            return (carry, target), (segment_losses, _query_scores(carry[0], task, activation))
+
+        (carry, _), (window_losses, at_points) = jax.lax.scan(segment, (carry, jnp.int32(0)),
+                                                              jnp.asarray(targets, jnp.int32))
+        kept = [i * width + j for i, (a, b) in enumerate(zip(starts, targets)) for j in range(b - a)]
+        losses.append(window_losses.reshape(-1)[jnp.asarray(kept, jnp.int32)])
+        done = targets[-1]
+    carry, tail_losses = jax.lax.scan(step, carry, jnp.arange(done, num_updates))
+    losses.append(tail_losses)
+    accuracy, loss, diverged = _query_scores(carry[0], task, activation)
     result = {"accuracy": accuracy, "loss": loss, "diverged": diverged, "train_loss": jnp.concatenate(losses)}
     if curve_steps:
-        result["curve_accuracy"] = jnp.stack([curve[min(s, num_updates)][0] for s in curve_steps])
-        result["curve_loss"] = jnp.stack([curve[min(s, num_updates)][1] for s in curve_steps])
+        order = jnp.asarray([points.index(s) for s in curve_steps])
+        result["curve_accuracy"] = at_points[0][order]
+        result["curve_loss"] = at_points[1][order]
     return result
 
 

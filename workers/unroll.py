@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ import genome as G
 from workers.task_types import Task
 
 __all__ = ["AGGREGATIONS", "EpisodeResult", "FITNESS_METRICS", "Horizon", "Scoring", "UnrollState",
-           "finish_unroll", "init_task_synapses", "init_unroll", "num_updates", "query_loss", "query_outputs", "query_scores",
+           "curve_windows", "finish_unroll", "init_task_synapses", "init_unroll", "num_updates", "query_loss", "query_outputs", "query_scores",
            "score", "unroll"]
 
 FITNESS_METRICS = ("cross_entropy", "error_rate")
@@ -116,6 +117,18 @@ def query_scores(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
     cross_entropy = -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(logits.dtype))
     return accuracy, cross_entropy
+
+
+def curve_windows(curve_steps: Sequence[int], updates: int) -> tuple[list[int], list[int], int]:
+    """How a training that records ``curve_steps`` runs its first steps as one loop over the points (one copy of
+    the step in the program, whatever the number of points): (the distinct points in increasing order, the
+    update count at each, at most ``updates``; the width of the loop's window of steps, the widest gap between
+    consecutive counts, from 0). Each trip runs the window from the previous count, masks the steps at or past
+    its own count, and scores the query set."""
+    points = sorted(set(int(s) for s in curve_steps))
+    targets = [min(point, updates) for point in points]
+    width = max((b - a for a, b in zip([0, *targets[:-1]], targets)), default=0)
+    return points, targets, width
 
 
 def num_updates(horizon: Horizon) -> int:
