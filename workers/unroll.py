@@ -34,8 +34,8 @@ import genome as G
 from workers.task_types import Task
 
 __all__ = ["AGGREGATIONS", "EpisodeResult", "FITNESS_METRICS", "Horizon", "Scoring", "UnrollState",
-           "curve_windows", "finish_unroll", "init_task_synapses", "init_unroll", "num_updates", "query_loss", "query_outputs", "query_scores",
-           "score", "unroll"]
+           "curve_windows", "finish_unroll", "init_task_synapses", "init_unroll", "num_updates", "query_loss",
+           "query_outputs", "query_scores", "score", "unroll"]
 
 FITNESS_METRICS = ("cross_entropy", "error_rate")
 AGGREGATIONS = ("mean", "median", "quantile", "worst")
