@@ -24,8 +24,8 @@ import numpy as np
 import optax
 
 from workers.engine import query_scores
-from workers.unroll import curve_windows
 from workers.task_types import Task
+from workers.unroll import curve_windows
 
 __all__ = [
     "ACTIVATIONS",
@@ -111,8 +111,8 @@ def _train_task(optimizer_name, learning_rate, activation, curve_steps, num_upda
 
     # the steps up to the last curve point run as a loop over the points, as in the engine (curve_windows)
     carry, losses, done = (weights, state), [], 0
-    points, targets, width = curve_windows(curve_steps, num_updates)
-    if points:
+    targets, order, width = curve_windows(curve_steps, num_updates)
+    if targets:
         starts = [0, *targets[:-1]]
 
         def segment(outer, target):
@@ -135,9 +135,8 @@ def _train_task(optimizer_name, learning_rate, activation, curve_steps, num_upda
     accuracy, loss, diverged = _query_scores(carry[0], task, activation)
     result = {"accuracy": accuracy, "loss": loss, "diverged": diverged, "train_loss": jnp.concatenate(losses)}
     if curve_steps:
-        order = jnp.asarray([points.index(s) for s in curve_steps])
-        result["curve_accuracy"] = at_points[0][order]
-        result["curve_loss"] = at_points[1][order]
+        result["curve_accuracy"] = at_points[0][jnp.asarray(order)]
+        result["curve_loss"] = at_points[1][jnp.asarray(order)]
     return result
 
 

@@ -121,14 +121,14 @@ def query_scores(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.A
 
 def curve_windows(curve_steps: Sequence[int], updates: int) -> tuple[list[int], list[int], int]:
     """How a training that records ``curve_steps`` runs its first steps as one loop over the points (one copy of
-    the step in the program, whatever the number of points): (the distinct points in increasing order, the
-    update count at each, at most ``updates``; the width of the loop's window of steps, the widest gap between
-    consecutive counts, from 0). Each trip runs the window from the previous count, masks the steps at or past
-    its own count, and scores the query set."""
+    the step in the program, whatever the number of points): (the update count at each distinct point in
+    increasing order, at most ``updates``; for each entry of ``curve_steps``, the index of its count in that list;
+    the width of the loop's window of steps, the widest gap between consecutive counts, from 0). Each trip runs
+    the window from the previous count, masks the steps at or past its own count, and scores the query set."""
     points = sorted(set(int(s) for s in curve_steps))
     targets = [min(point, updates) for point in points]
     width = max((b - a for a, b in zip([0, *targets[:-1]], targets)), default=0)
-    return points, targets, width
+    return targets, [points.index(int(s)) for s in curve_steps], width
 
 
 def num_updates(horizon: Horizon) -> int:
